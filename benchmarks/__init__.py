@@ -1,0 +1,1 @@
+"""`taer bench ...`: benchmarks that compare side by side in one run and write tables, JSON and plots."""

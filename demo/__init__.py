@@ -1,0 +1,1 @@
+"""The embedded default: a synthetic multi-task suite and a small MoE trained on it."""

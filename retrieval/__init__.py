@@ -1,0 +1,1 @@
+"""Task patterns (TCESS), expert selection under a budget, and query -> pattern retrieval."""
