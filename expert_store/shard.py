@@ -1,0 +1,279 @@
+"""`taer shard`: a Hugging Face checkpoint directory becomes a store, streamed tensor by tensor.
+
+Peak memory is one MoE layer's experts (or one dense shard, ``dense_shard_bytes``), never the
+whole checkpoint. Everything is written to a temporary sibling directory that is renamed into place
+only once complete, so an interrupted run never leaves a store that looks valid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from expert_store.checkpoint import INDEX_FILE, CheckpointFiles, check_checkpoint_dir
+from expert_store.errors import CheckpointError, StoreExistsError
+from expert_store.families import Family, get_family
+from expert_store.hashing import sha256_file, xxh3_of
+from expert_store.keys import ExpertKey
+from expert_store.manifest import ExpertEntry, FileEntry, Manifest
+from expert_store.safetensors_file import DTYPE_NAMES, read_header
+from expert_store.skeleton import MoELayout, dense_keys, empty_model, moe_layout
+
+logger = logging.getLogger(__name__)
+
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+@dataclass
+class _Plan:
+    """Where each tensor of the checkpoint goes."""
+
+    dense: dict[str, str]  # store name -> checkpoint name
+    per_expert: dict[ExpertKey, dict[str, str]]  # key -> {"gate"|"up"|"down": checkpoint name}
+    fused: dict[int, dict[str, str]]  # layer -> {"gate_up_proj"|"down_proj": checkpoint name}
+    skipped: list[str]
+
+
+def shard_checkpoint(
+    model_dir: Path, store_dir: Path, *, force: bool = False, dense_shard_bytes: int = 2 << 30
+) -> Manifest:
+    """Shard ``model_dir`` into ``store_dir`` and return the manifest written."""
+    model_dir, store_dir = Path(model_dir), Path(store_dir)
+    check_checkpoint_dir(model_dir)
+    _check_output(store_dir, force)
+    config = AutoConfig.from_pretrained(model_dir)
+    family = get_family(config.model_type)
+    if getattr(config, "quantization_config", None):
+        raise CheckpointError(
+            f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); taer shards "
+            "unquantized checkpoints: dequantize it to bfloat16 first"
+        )
+    skeleton = empty_model(config)
+    layout = moe_layout(skeleton)
+    files = CheckpointFiles(model_dir)
+    plan = _plan(files, family, layout, dense_keys(skeleton), config)
+    if plan.skipped:
+        logger.warning(
+            "ignoring %d tensors the model does not use, e.g. %s", len(plan.skipped), plan.skipped[0]
+        )
+
+    tmp = store_dir.with_name(f".{store_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _write_store(tmp, files, plan, layout, family, model_dir, dense_shard_bytes)
+        _install(tmp, store_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        files.close()
+    return manifest
+
+
+def _check_output(store_dir: Path, force: bool) -> None:
+    if store_dir.exists() and not store_dir.is_dir():
+        raise StoreExistsError(f"{store_dir} exists and is not a directory")
+    if store_dir.is_dir() and any(store_dir.iterdir()) and not force:
+        raise StoreExistsError(f"{store_dir} is not empty; pass --force to replace it")
+
+
+def _plan(files: CheckpointFiles, family: Family, layout: MoELayout, expected: set[str], config) -> _Plan:
+    plan = _Plan(dense={}, per_expert=defaultdict(dict), fused=defaultdict(dict), skipped=[])
+    moe_layers = set(layout.moe_layers)
+    for name in files.names:
+        canonical = family.canonical_name(name)
+        expert = family.match_expert(name)
+        fused = _FUSED.fullmatch(canonical)
+        if expert is not None and expert[0] in moe_layers:
+            layer, index, proj = expert
+            plan.per_expert[ExpertKey(layer, index)][proj] = name
+        elif fused is not None and int(fused.group(1)) in moe_layers:
+            plan.fused[int(fused.group(1))][fused.group(2)] = name
+        elif canonical in expected:
+            plan.dense[canonical] = name
+        else:
+            plan.skipped.append(name)
+    _check_complete(plan, layout, expected, config)
+    return plan
+
+
+def _check_complete(plan: _Plan, layout: MoELayout, expected: set[str], config) -> None:
+    missing = sorted(expected - set(plan.dense))
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}"
+        )
+    for layer in layout.moe_layers:
+        if layer in plan.fused:
+            if set(plan.fused[layer]) != {"gate_up_proj", "down_proj"}:
+                raise CheckpointError(f"layer {layer} has an incomplete fused expert tensor pair")
+            continue
+        for expert in range(layout.num_experts):
+            parts = plan.per_expert.get(ExpertKey(layer, expert), {})
+            if set(parts) != {"gate", "up", "down"}:
+                raise CheckpointError(
+                    f"expert ({ExpertKey(layer, expert)}) is incomplete in the checkpoint "
+                    f"(found {sorted(parts) or 'nothing'})"
+                )
+
+
+def _write_store(
+    out: Path,
+    files: CheckpointFiles,
+    plan: _Plan,
+    layout: MoELayout,
+    family: Family,
+    model_dir: Path,
+    dense_shard_bytes: int,
+) -> Manifest:
+    total = len(plan.dense) + len(layout.moe_layers)
+    with tqdm(total=total, desc="sharding", unit="tensor") as progress:
+        dense_files = _write_dense(out, files, plan, dense_shard_bytes, progress)
+        (out / "experts").mkdir()
+        experts: dict[ExpertKey, ExpertEntry] = {}
+        expert_files = []
+        dtype = "unknown"
+        for layer in layout.moe_layers:
+            tensors = _layer_experts(files, plan, layer, layout.num_experts)
+            dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]
+            entry, layer_experts = _write_layer(out, layer, tensors, layout.num_experts)
+            expert_files.append(entry)
+            experts.update(layer_experts)
+            progress.update(1)
+    extra = _copy_side_files(model_dir, out)
+    manifest = Manifest(
+        family=family.model_type,
+        dtype=dtype,
+        layout=layout,
+        dense_files=dense_files,
+        expert_files=expert_files,
+        experts=experts,
+        fingerprint=_fingerprint(out / "config.json", experts, dense_files),
+        source=str(model_dir.resolve()),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra_files=extra,
+    )
+    manifest.save(out)  # written last: a store without a manifest is never taken for complete
+    return manifest
+
+
+def _write_dense(
+    out: Path, files: CheckpointFiles, plan: _Plan, limit: int, progress: tqdm
+) -> list[FileEntry]:
+    entries, pending, pending_bytes = [], {}, 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        path = out / f"dense-{len(entries) + 1:05d}.safetensors"
+        save_file(pending, str(path))
+        entries.append(FileEntry(path.name, path.stat().st_size, sha256_file(path)))
+        pending, pending_bytes = {}, 0
+
+    for store_name, checkpoint_name in sorted(plan.dense.items()):
+        tensor = files.get(checkpoint_name).contiguous()
+        pending[store_name] = tensor
+        pending_bytes += tensor.numel() * tensor.element_size()
+        progress.update(1)
+        if pending_bytes >= limit:
+            flush()
+    if pending or not entries:
+        flush()
+    return entries
+
+
+def _layer_experts(
+    files: CheckpointFiles, plan: _Plan, layer: int, num_experts: int
+) -> dict[str, torch.Tensor]:
+    """One layer's experts as ``{e}.gate_up_proj`` [2I, D] and ``{e}.down_proj`` [D, I]."""
+    tensors = {}
+    fused = plan.fused.get(layer)
+    for expert in range(num_experts):
+        if fused:
+            gate_up = files.get_rows(fused["gate_up_proj"], expert)
+            down = files.get_rows(fused["down_proj"], expert)
+        else:
+            parts = plan.per_expert[ExpertKey(layer, expert)]
+            gate_up = torch.cat([files.get(parts["gate"]), files.get(parts["up"])], dim=0)  # [2I, D]
+            down = files.get(parts["down"])  # [D, I]
+        tensors[f"{expert}.gate_up_proj"] = gate_up.contiguous()
+        tensors[f"{expert}.down_proj"] = down.contiguous()
+    return tensors
+
+
+def _write_layer(
+    out: Path, layer: int, tensors: dict[str, torch.Tensor], num_experts: int
+) -> tuple[FileEntry, dict[ExpertKey, ExpertEntry]]:
+    relative = f"experts/layer-{layer:03d}.safetensors"
+    path = out / relative
+    save_file(tensors, str(path), metadata={"layer": str(layer)})
+    infos = read_header(path)
+    experts = {}
+    for expert in range(num_experts):
+        gate_up, down = infos[f"{expert}.gate_up_proj"], infos[f"{expert}.down_proj"]
+        checksum = xxh3_of(
+            *(_bytes_of(tensors[f"{expert}.{part}"]) for part in ("gate_up_proj", "down_proj"))
+        )
+        experts[ExpertKey(layer, expert)] = ExpertEntry(
+            relative, (gate_up.start, gate_up.end), (down.start, down.end), checksum
+        )
+    return FileEntry(relative, path.stat().st_size, sha256_file(path)), experts
+
+
+def _copy_side_files(model_dir: Path, out: Path) -> list[str]:
+    """config.json, generation config, tokenizer files and the like: every small non-weight file."""
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_file() or path.name.endswith(_WEIGHT_SUFFIXES) or path.name == INDEX_FILE:
+            continue
+        if path.stat().st_size > 64 << 20:
+            logger.warning(
+                "not copying %s (%d MB): too large for a side file", path.name, path.stat().st_size >> 20
+            )
+            continue
+        shutil.copy2(path, out / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def _install(tmp: Path, store_dir: Path) -> None:
+    if store_dir.exists():
+        old = store_dir.with_name(f".{store_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(store_dir, old)
+        os.replace(tmp, store_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, store_dir)
+
+
+def _bytes_of(tensor: torch.Tensor):
+    """The tensor's raw bytes as safetensors writes them (a view, no copy)."""
+    return tensor.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def _fingerprint(config_path: Path, experts: dict[ExpertKey, ExpertEntry], dense: list[FileEntry]) -> str:
+    """Identifies the model's weights: config, every expert's checksum, every dense file's."""
+    digest = xxhash.xxh3_128()
+    digest.update(json.dumps(json.loads(config_path.read_text()), sort_keys=True).encode())
+    for key in sorted(experts):
+        digest.update(experts[key].xxh3.encode())
+    for entry in dense:
+        digest.update(entry.sha256.encode())
+    return digest.hexdigest()

@@ -1,0 +1,146 @@
+"""Reading a store: dense weights once, experts one by one from memory-mapped layer shards.
+
+A request for 8 of 256 experts touches 8 experts' bytes. Each expert's bytes are checked against
+the manifest's xxh3-64 the first time this process reads them (``verify="first"``; "always" and
+"never" are the other choices), so a flipped byte is an error that names the file and the expert,
+never silent garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from expert_store.errors import CorruptExpertError, StoreError
+from expert_store.hashing import sha256_file, xxh3_of
+from expert_store.keys import ExpertKey
+from expert_store.manifest import Manifest
+from expert_store.safetensors_file import DTYPES, MappedFile
+
+logger = logging.getLogger(__name__)
+
+Verify = Literal["first", "always", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertTensors:
+    """One expert's weights: read-only views of the store's memory map (copy before writing)."""
+
+    gate_up: torch.Tensor  # [2I, D]
+    down: torch.Tensor  # [D, I]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+class ExpertStore:
+    """An opened store directory."""
+
+    def __init__(self, store_dir: Path, verify: Verify = "first") -> None:
+        self.store_dir = Path(store_dir)
+        self.manifest = Manifest.load(self.store_dir)
+        self.verify = verify
+        for entry in [*self.manifest.dense_files, *self.manifest.expert_files]:
+            if not (self.store_dir / entry.path).exists():
+                raise StoreError(f"store file {self.store_dir / entry.path} is missing; re-run `taer shard`")
+        self._maps: dict[str, MappedFile] = {}
+        self._verified: set[ExpertKey] = set()
+        layout = self.manifest.layout
+        self.dtype = DTYPES[self.manifest.dtype]
+        self._gate_up_shape = (2 * layout.intermediate_size, layout.hidden_size)
+        self._down_shape = (layout.hidden_size, layout.intermediate_size)
+
+    @property
+    def layout(self):
+        return self.manifest.layout
+
+    def config(self) -> PretrainedConfig:
+        return AutoConfig.from_pretrained(self.store_dir)
+
+    def dense_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every dense tensor (name as in the model's state dict), one at a time."""
+        for entry in self.manifest.dense_files:
+            with safe_open(str(self.store_dir / entry.path), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+
+    def expert(self, key: ExpertKey) -> ExpertTensors:
+        """Views of one expert's bytes, checked against the manifest as ``verify`` says."""
+        entry = self.manifest.entry(key)
+        mapped = self._mapped(entry.file)
+        gate_up_raw = mapped.raw(*entry.gate_up)
+        down_raw = mapped.raw(*entry.down)
+        if self.verify == "always" or (self.verify == "first" and key not in self._verified):
+            if xxh3_of(gate_up_raw, down_raw) != entry.xxh3:
+                raise CorruptExpertError(str(mapped.path), key.layer, key.expert)
+            self._verified.add(key)
+        return ExpertTensors(
+            gate_up=_view(gate_up_raw, self.dtype, self._gate_up_shape),
+            down=_view(down_raw, self.dtype, self._down_shape),
+        )
+
+    def _mapped(self, relative: str) -> MappedFile:
+        if relative not in self._maps:
+            self._maps[relative] = MappedFile(self.store_dir / relative)
+        return self._maps[relative]
+
+    def close(self) -> None:
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+
+
+def _view(raw: memoryview, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only ever copy from it
+        return torch.frombuffer(raw, dtype=dtype).view(shape)
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_store`` found: every problem names the file (and the expert where one is)."""
+
+    files_checked: int = 0
+    experts_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(store_dir: Path) -> VerifyReport:
+    """Check every file's sha256 and every expert's xxh3 against the manifest."""
+    store = ExpertStore(store_dir, verify="always")
+    report = VerifyReport()
+    manifest = store.manifest
+    corrupt_files = set()
+    files = [*manifest.dense_files, *manifest.expert_files]
+    for entry in tqdm(files, desc="verifying files", unit="file"):
+        path = store.store_dir / entry.path
+        report.files_checked += 1
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            corrupt_files.add(entry.path)
+            report.problems.append(f"{path}: size or sha256 does not match the manifest")
+    for key in tqdm(sorted(manifest.experts), desc="verifying experts", unit="expert"):
+        entry = manifest.experts[key]
+        report.experts_checked += 1
+        try:
+            store.expert(key)
+        except CorruptExpertError:
+            report.problems.append(f"{store.store_dir / entry.file}: expert ({key}) checksum mismatch")
+        except StoreError as error:
+            report.problems.append(f"{store.store_dir / entry.file}: expert ({key}): {error}")
+    store.close()
+    return report
