@@ -203,11 +203,12 @@ class ExpertCache:
                 slots.evict(victim)
                 self.stats.evictions += 1
         start = time.perf_counter()
-        for expert in missing:
-            tensors = self.store.expert(ExpertKey(layer, expert))
-            self.loader.load(bank, slots.assign(expert), tensors)
-            self.stats.loads += 1
-            self.stats.bytes_loaded += bank.nbytes_per_slot
+        with self.loader.session():
+            for expert in missing:
+                tensors = self.store.expert(ExpertKey(layer, expert))
+                self.loader.load(bank, slots.assign(expert), tensors)
+                self.stats.loads += 1
+                self.stats.bytes_loaded += bank.nbytes_per_slot
         self.stats.load_seconds += time.perf_counter() - start
         for expert in experts:
             slots.touch(expert)

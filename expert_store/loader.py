@@ -8,6 +8,8 @@ compute stream waits only when it needs the experts (``wait``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,20 @@ class ExpertLoader:
         self._next = 0
         self._num_staging = num_staging
         self._stream = torch.cuda.Stream(device=self.device) if self.is_cuda else None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Wrap a run of ``load`` calls. On the CPU the copies run on one thread: a copy is bound by
+        memory bandwidth, and intra-op threads that must wait for busy cores make it many times slower."""
+        if self.is_cuda:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def load(self, bank: SlotBank, slot: int, tensors: ExpertTensors) -> None:
         if not self.is_cuda:

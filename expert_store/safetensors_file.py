@@ -99,4 +99,7 @@ class MappedFile:
         return flat.view(info.shape)
 
     def close(self) -> None:
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # tensors still view the map; it is unmapped when the last of them is freed

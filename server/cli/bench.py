@@ -1,0 +1,34 @@
+"""`taer bench NAME`: the benchmarks. Each prints a table and writes JSON (and plots where useful)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, one-line help); modules expose add_arguments(parser) and main(args).
+BENCHMARKS = {
+    "store": ("benchmarks.store", "expert load throughput, pattern switches, memory vs transformers"),
+    "fidelity": ("benchmarks.fidelity", "pruned vs full accuracy per task and scorer on the demo model"),
+    "retrieval": ("benchmarks.retrieval", "task retrieval accuracy and latency, retrieved vs oracle patterns"),
+    "serving": ("benchmarks.serving", "policies at equal expert memory, and taer serve vs a peer server"),
+    "all": ("benchmarks.report", "every benchmark in one run, with a report.md"),
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        sub = benches.add_parser(name, help=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.main)
+
+
+def run(args: argparse.Namespace) -> int:  # pragma: no cover - each benchmark sets its own func
+    raise SystemExit("choose a benchmark")
