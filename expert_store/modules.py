@@ -10,25 +10,37 @@ Legend: T = tokens, D = hidden, I = expert intermediate, K = top-k.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_store.cache import ExpertCache
 from expert_store.families import Family
 from expert_store.loader import SlotBank
 from expert_store.routing import route
 
 # (layer, hidden [T, D], router logits [T, E]) for every forward of every MoE layer.
 RouterObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+# (layer, expert, token indices [t], expert output before routing weights [t, D]).
+ExpertObserver = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class SlotResolver(Protocol):
+    """Where experts sit: the expert cache when serving, a layer streamer when calibrating."""
+
+    def waves(self, layer: int, needed: list[int]) -> Iterator[list[tuple[int, int]]]:
+        """(expert, slot) pairs covering ``needed``, loading what is missing, in one or more waves."""
+
+    def allowed(self, layer: int) -> torch.Tensor | None:
+        """The router's bool mask [E] of experts it may pick, or None for all."""
 
 
 class RoutedGate(nn.Module):
     """The family's router over the original gate's parameters, aware of the active set."""
 
-    def __init__(self, layer: int, gate: nn.Module, family: Family, cache: ExpertCache) -> None:
+    def __init__(self, layer: int, gate: nn.Module, family: Family, cache: SlotResolver) -> None:
         super().__init__()
         self.layer = layer
         self.inner = gate
@@ -48,14 +60,13 @@ class RoutedGate(nn.Module):
 class SlottedExperts(nn.Module):
     """A layer's experts held in device slots; the rest stay in the store until needed."""
 
-    def __init__(self, layer: int, bank: SlotBank, act_fn: nn.Module, cache: ExpertCache) -> None:
+    def __init__(self, layer: int, bank: SlotBank, act_fn: nn.Module, cache: SlotResolver) -> None:
         super().__init__()
         self.layer = layer
         self.bank = bank
         self.act_fn = act_fn
         self.cache = cache
-        # Optional per-expert output observer for calibration: (layer, expert, output [t, D]).
-        self.output_observer: Callable[[int, int, torch.Tensor], None] | None = None
+        self.output_observer: ExpertObserver | None = None
 
     def forward(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -69,7 +80,7 @@ class SlottedExperts(nn.Module):
                 gate, up = F.linear(hidden[token_idx], self.bank.gate_up[slot]).chunk(2, dim=-1)  # [t, I] x2
                 expert_out = F.linear(self.act_fn(gate) * up, self.bank.down[slot])  # [t, D]
                 if self.output_observer is not None:
-                    self.output_observer(self.layer, expert, expert_out)
+                    self.output_observer(self.layer, expert, token_idx, expert_out)
                 expert_out = expert_out * top_k_weights[token_idx, k_pos, None]
                 out.index_add_(0, token_idx, expert_out.to(out.dtype))
         return out

@@ -21,7 +21,7 @@ from expert_store.cache import ActivationReport, ExpertCache, Mode
 from expert_store.errors import BudgetError, StoreError
 from expert_store.families import get_family
 from expert_store.loader import ExpertLoader, SlotBank
-from expert_store.modules import RoutedGate, RouterObserver, SlottedExperts
+from expert_store.modules import RoutedGate, RouterObserver, SlotResolver, SlottedExperts
 from expert_store.safetensors_file import DTYPES
 from expert_store.skeleton import MoELayout, empty_model, moe_blocks
 from expert_store.store import ExpertStore, Verify
@@ -45,6 +45,8 @@ class RuntimeConfig:
             raise BudgetError("give either slots_per_layer or expert_memory, not both")
         if self.dtype is not None and self.dtype not in _DTYPE_NAMES:
             raise BudgetError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPE_NAMES)}")
+        if self.verify not in ("first", "always", "never"):
+            raise BudgetError(f"unknown verify policy {self.verify!r}; use first, always or never")
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,10 +122,7 @@ def load_runtime(store_dir: Path, config: RuntimeConfig | None = None) -> MoERun
     device = torch.device(config.device)
     store = ExpertStore(store_dir, verify=config.verify)
     layout = store.layout
-    dtype = _DTYPE_NAMES[config.dtype] if config.dtype else DTYPES[store.manifest.dtype]
-    hf_config = store.config()
-    family = get_family(hf_config.model_type)
-    model = empty_model(hf_config, dtype=dtype)
+    dtype = runtime_dtype(store, config.dtype)
     bytes_per_expert = layout.params_per_expert * torch.empty((), dtype=dtype).element_size()
     num_slots = config.slots_per_layer or layout.num_experts
     if config.expert_memory is not None:
@@ -138,16 +137,10 @@ def load_runtime(store_dir: Path, config: RuntimeConfig | None = None) -> MoERun
         for layer in layout.moe_layers
     }
     cache = ExpertCache(store, banks, ExpertLoader(device), device)
-    for layer, block in moe_blocks(model).items():
-        block.experts = SlottedExperts(layer, banks[layer], block.experts.act_fn, cache)
-        block.gate = RoutedGate(layer, block.gate, family, cache)
-    _load_dense(model, store, device, dtype)
-    generation = store.store_dir / "generation_config.json"
-    if generation.exists():
-        model.generation_config = GenerationConfig.from_pretrained(store.store_dir)
+    model = build_model(store, device, dtype, banks, cache)
     logger.info(
         "loaded %s: %d MoE layers x %d slots (%.1f MB of experts), dense %.1f MB on %s",
-        family.model_type,
+        store.manifest.family,
         len(layout.moe_layers),
         num_slots,
         cache.capacity_bytes / 1e6,
@@ -155,6 +148,37 @@ def load_runtime(store_dir: Path, config: RuntimeConfig | None = None) -> MoERun
         device,
     )
     return MoERuntime(store, model, cache, device)
+
+
+def build_model(
+    store: ExpertStore,
+    device: torch.device,
+    dtype: torch.dtype,
+    banks: Mapping[int, SlotBank],
+    resolver: SlotResolver,
+) -> nn.Module:
+    """The family's model with dense weights from ``store`` on ``device`` and, in every MoE block,
+    ``RoutedGate`` and ``SlottedExperts`` over ``banks`` (several layers may share one bank)."""
+    hf_config = store.config()
+    family = get_family(hf_config.model_type)
+    model = empty_model(hf_config, dtype=dtype)
+    for layer, block in moe_blocks(model).items():
+        block.experts = SlottedExperts(layer, banks[layer], block.experts.act_fn, resolver)
+        block.gate = RoutedGate(layer, block.gate, family, resolver)
+    _load_dense(model, store, device, dtype)
+    generation = store.store_dir / "generation_config.json"
+    if generation.exists():
+        model.generation_config = GenerationConfig.from_pretrained(store.store_dir)
+    return model
+
+
+def runtime_dtype(store: ExpertStore, name: str | None) -> torch.dtype:
+    if name is None:
+        return DTYPES[store.manifest.dtype]
+    try:
+        return _DTYPE_NAMES[name]
+    except KeyError:
+        raise BudgetError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
 def _load_dense(model: nn.Module, store: ExpertStore, device: torch.device, dtype: torch.dtype) -> None:
