@@ -107,6 +107,7 @@ class ExpertCache:
         self.mode: Mode = "exact"
         self.stats = CacheStats()
         self._allowed: dict[int, torch.Tensor] = {}
+        self._row_masks: dict[int, torch.Tensor] | None = None
         self._device = device
 
     # Activation ------------------------------------------------------------------------------------
@@ -120,23 +121,35 @@ class ExpertCache:
         """
         if mode not in MODES:
             raise SelectionError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        wanted = {
-            layer: self._checked(layer, selection.get(layer, ()), mode) for layer in self.layout.moe_layers
-        }
+        wanted = {layer: self._checked(layer, selection.get(layer, ()), mode) for layer in self.layout.moe_layers}
+        report = self._load(wanted, mode)
+        self.mode = mode
+        self._allowed = {layer: self.mask(experts) for layer, experts in wanted.items()} if mode == "pruned" else {}
+        self._row_masks = None
+        return report
+
+    def prefetch(self, selection: Mapping[int, Sequence[int]]) -> ActivationReport:
+        """Load ``selection`` (truncated to the slots, in priority order) without touching routing."""
+        wanted = {layer: self._checked(layer, selection.get(layer, ()), "exact") for layer in self.layout.moe_layers}
+        return self._load(wanted, "prefetch")
+
+    def set_row_masks(self, masks: Mapping[int, torch.Tensor] | None) -> None:
+        """Per-sequence routing restrictions for the next forwards: layer -> bool [B, E], one row per
+        sequence of the batch (a row of all True is the model's own routing). None clears them."""
+        self._row_masks = dict(masks) if masks is not None else None
+        self._allowed = {}
+
+    def _load(self, wanted: Mapping[int, list[int]], label: str) -> ActivationReport:
         before, start = self.stats.copy(), time.perf_counter()
         reused = 0
         for layer, experts in wanted.items():
             reused += sum(self.slots[layer].is_resident(e) for e in experts)
             self._ensure(layer, experts)
         self.loader.wait()
-        self.mode = mode
-        self._allowed = (
-            {layer: self._mask(experts) for layer, experts in wanted.items()} if mode == "pruned" else {}
-        )
         self.stats.activations += 1
         delta = self.stats - before
         return ActivationReport(
-            mode, delta.loads, reused, delta.evictions, delta.bytes_loaded, time.perf_counter() - start
+            label, delta.loads, reused, delta.evictions, delta.bytes_loaded, time.perf_counter() - start
         )
 
     def _checked(self, layer: int, experts: Sequence[int], mode: Mode) -> list[int]:
@@ -157,13 +170,16 @@ class ExpertCache:
             )
         return experts
 
-    def _mask(self, experts: list[int]) -> torch.Tensor:
+    def mask(self, experts: Sequence[int]) -> torch.Tensor:
+        """A bool [E] mask on the device with ``experts`` set."""
         mask = torch.zeros(self.layout.num_experts, dtype=torch.bool)
-        mask[experts] = True
+        mask[list(experts)] = True
         return mask.to(self._device)
 
     def allowed(self, layer: int) -> torch.Tensor | None:
-        """The router's bool mask [E] for this layer in pruned mode; None in exact mode."""
+        """The router's bool mask for this layer: [E] in pruned mode, [B, E] with row masks, else None."""
+        if self._row_masks is not None:
+            return self._row_masks.get(layer)
         return self._allowed.get(layer)
 
     # Per step ---------------------------------------------------------------------------------------

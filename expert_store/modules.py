@@ -51,7 +51,11 @@ class RoutedGate(nn.Module):
 
     def forward(self, hidden: torch.Tensor):
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, D]
-        logits, weights, ids = route(self.family, self.inner, hidden, self.cache.allowed(self.layer))
+        allowed = self.cache.allowed(self.layer)  # None, [E], or [B, E] per sequence
+        if allowed is not None and allowed.dim() == 2:
+            # tokens are sequence-major (a [B, S, D] batch flattened), so each row covers S tokens
+            allowed = allowed.repeat_interleave(hidden.shape[0] // allowed.shape[0], dim=0)  # [T, E]
+        logits, weights, ids = route(self.family, self.inner, hidden, allowed)
         if self.observer is not None:
             self.observer(self.layer, hidden, logits)
         return logits, weights, ids

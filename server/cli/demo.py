@@ -1,0 +1,34 @@
+"""`taer demo build`: train the embedded default MoE and write its task suite (cached)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from demo.build import DEFAULT_OUT, BuildSpec, build_demo
+from demo.train import DEFAULT_STEPS, TrainConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="the embedded demo MoE and its task suite")
+    actions = parser.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build",
+        help="train the demo model and write its task suite (returns at once when already built)",
+        description="Writes OUT/model (a Hugging Face checkpoint), OUT/tasks/tasks.yaml and OUT/build.json.",
+    )
+    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
+    build.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
+    build.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+    )
+    build.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = BuildSpec(seed=args.seed, train=dataclasses.replace(TrainConfig(), steps=args.steps))
+    result = build_demo(args.out, spec=spec, force=args.force)
+    print(result.path)
+    return 0

@@ -1,0 +1,67 @@
+"""`taer index TASKS.yaml INDEX_DIR`: embed every task's prompts and build the retrieval index."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "index", help="embed the tasks' calibration prompts and examples into a retrieval index"
+    )
+    parser.add_argument("tasks_file", type=Path, help="TASKS.yaml (as given to `taer calibrate`)")
+    parser.add_argument("index_dir", type=Path, help="directory to write the index into")
+    parser.add_argument("--encoder", type=Path, default=None, help="sentence-transformers model directory")
+    parser.add_argument("--kind", choices=["auto", "flat", "hnsw"], default="auto")
+    parser.add_argument("--hnsw-threshold", type=int, default=None, help="auto: HNSW from this many texts")
+    parser.add_argument(
+        "--min-confidence", type=float, default=None, help="vote share below which `general` serves"
+    )
+    parser.add_argument(
+        "--min-similarity", type=float, default=None, help="cosine below which `general` serves"
+    )
+    parser.add_argument(
+        "--close-margin", type=float, default=None, help="confidence gap that is a close call"
+    )
+    parser.add_argument(
+        "--query", action="append", default=[], help="try a query on the new index (repeatable)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from expert_store.errors import RetrievalIndexError
+    from retrieval.encoder import Encoder
+    from retrieval.index import DEFAULT_RULE, DEFAULT_SETTINGS, build_task_index
+    from retrieval.task_texts import texts_by_task
+    from retrieval.tasks_file import load_tasks_file
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("min_confidence", "min_similarity", "close_margin")
+        if getattr(args, name) is not None
+    }
+    try:
+        rule = dataclasses.replace(DEFAULT_RULE, **overrides)
+    except ValueError as error:  # the rule checks its own ranges
+        raise RetrievalIndexError(f"bad retrieval threshold: {error}") from None
+    settings = DEFAULT_SETTINGS
+    if args.hnsw_threshold is not None:
+        settings = dataclasses.replace(settings, hnsw_threshold=args.hnsw_threshold)
+
+    texts = texts_by_task(load_tasks_file(args.tasks_file))
+    encoder = Encoder.load(args.encoder)
+    index = build_task_index(encoder, texts, kind=args.kind, rule=rule, settings=settings)
+    index.save(args.index_dir)
+    print(
+        f"{args.index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, "
+        f"encoder {index.fingerprint}"
+    )
+    for text, result in zip(args.query, index.query(args.query), strict=True):
+        print(
+            f"  {text!r} -> {result.task} (candidate {result.candidate}, confidence {result.confidence:.2f}, "
+            f"similarity {result.similarity:.2f}, runner-up {result.runner_up})"
+        )
+    return 0

@@ -1,0 +1,283 @@
+"""The contract between the HTTP layer and the engine that owns the model.
+
+The HTTP layer (``server/app.py`` and the ``serving_*`` modules) turns a request into a
+:class:`GenerationRequest`, iterates :meth:`Engine.generate`, and turns the
+:class:`GenerationOutput` objects into OpenAI or TGI responses. It knows nothing else about the
+engine. The real engine (model thread, scheduler, retrieval) and ``server/fake_engine.py`` both
+implement :class:`Engine`.
+
+Rules of the contract, in one place:
+
+- The HTTP layer tokenises: it applies the chat template and encodes the prompt with
+  :attr:`Engine.tokenizer`, checks ``len(prompt_token_ids) + sampling.max_tokens <= max_model_len``,
+  checks ``taer.task`` against :meth:`Engine.task_names`, and only then calls
+  :meth:`Engine.generate`. Detokenisation and stop strings are the engine's job.
+- ``generate`` is an async generator: calling it starts nothing; the engine may raise
+  :class:`~expert_store.errors.QueueFullError` (HTTP 429),
+  :class:`~expert_store.errors.EngineNotReadyError` (503),
+  :class:`~expert_store.errors.UnknownTaskError` (404) or
+  :class:`~expert_store.errors.RequestError` (its ``status``, 400 by default) from the first
+  ``__anext__`` at the latest. Any other exception is a server fault (500, logged).
+- Outputs are deltas. The last output, and only the last, has ``finished=True`` and a
+  ``finish_reason``; the iterator ends right after it.
+- The HTTP layer stops iterating early when the client disconnects, the request times out or the
+  response fails. It then calls ``await engine.abort(request_id)`` and then ``aclose()`` on the
+  iterator (when it has one), shielded from cancellation. The engine must free the request's
+  resources on either signal. A pending ``__anext__`` may also be cancelled (``CancelledError``
+  thrown into the generator) before those calls. An ``abort`` finish the client did not cause
+  (say, a shutdown) is answered 503.
+- Nothing in the engine blocks the event loop: torch, FAISS and the encoder run in the engine's own
+  thread; ``generate`` only awaits results handed over from it (for example through an
+  ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+
+from expert_store.errors import RequestError
+
+if TYPE_CHECKING:
+    from server.metrics import EngineMetrics
+
+Mode = Literal["pruned", "exact", "full"]
+"""How experts are chosen: ``pruned`` (routing restricted to the task's retained set), ``exact``
+(the model's own routing; the pattern is only a prefetch hint) or ``full`` (every expert, no
+pattern)."""
+
+FinishReason = Literal["stop", "length", "abort"]
+"""``stop``: an end-of-sequence token or a stop string; ``length``: ``max_tokens`` or the context
+ran out; ``abort``: the request was aborted (by :meth:`Engine.abort` or an engine shutdown)."""
+
+MODES: tuple[str, ...] = get_args(Mode)
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick the next token. Validated on construction; a bad field raises
+    :class:`RequestError` whose ``param`` names it.
+
+    ``temperature == 0`` means greedy decoding (``top_p``, ``top_k`` and ``seed`` are then
+    irrelevant). ``top_k == 0`` turns top-k off; ``top_p == 1`` turns nucleus sampling off.
+    ``repetition_penalty`` is the multiplicative (CTRL / Hugging Face) penalty; 1 turns it off.
+    ``stop`` strings end generation and are not part of the returned text. ``ignore_eos`` keeps
+    generating past the end-of-sequence token until ``max_tokens``.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int(self.max_tokens, "max_tokens", minimum=1)
+        _check_number(self.temperature, "temperature", minimum=0.0)
+        _check_number(self.top_p, "top_p", minimum=0.0, inclusive_minimum=False, maximum=1.0)
+        _check_int(self.top_k, "top_k", minimum=0)
+        if self.seed is not None:
+            _check_int(self.seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
+        _check_number(self.repetition_penalty, "repetition_penalty", minimum=0.0, inclusive_minimum=False)
+        self.stop = tuple(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError("stop strings must be non-empty strings", param="stop")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TaerOptions:
+    """The client's say in expert selection (the ``taer`` request field).
+
+    ``task`` forces a pattern instead of retrieving one; ``mode`` overrides the server's mode. Both
+    ``None`` means: retrieve the task, use the server's mode. ``task`` with ``mode="full"`` is
+    refused because the full model uses no pattern. Whether ``task`` exists is the engine's call
+    (:meth:`Engine.task_names`); the HTTP layer checks it before generating.
+    """
+
+    task: str | None = None
+    mode: Mode | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise RequestError("taer.task must be a non-empty task name", param="taer.task")
+        if self.mode is not None and self.mode not in MODES:
+            raise RequestError(
+                f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}", param="taer.mode"
+            )
+        if self.task is not None and self.mode == "full":
+            raise RequestError(
+                "taer.task cannot be combined with mode 'full' (the full model uses no pattern)",
+                param="taer.task",
+            )
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation, as the engine sees it.
+
+    ``prompt_token_ids`` is the whole prompt, chat template applied. ``retrieval_text`` is what
+    retrieval embeds to choose a task: the last user message of a chat, or the prompt.
+    ``arrival_time`` is ``time.monotonic()`` when the HTTP layer accepted the request (for
+    scheduling fairness and latency metrics; never shown to clients).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    retrieval_text: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    taer: TaerOptions = field(default_factory=TaerOptions)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingInfo:
+    """What served a request: reported in the ``taer`` response field and ``x-taer-*`` headers.
+
+    ``task`` is the pattern used (``None`` when the full model served it). ``similarity`` is the
+    cosine similarity of the best retrieval match and ``confidence`` the vote's confidence, both
+    ``None`` when no retrieval ran (task forced, or mode ``full``). ``experts_loaded`` counts the
+    experts copied to the device for this request; ``experts_reused`` those already resident.
+    """
+
+    task: str | None
+    mode: Mode
+    similarity: float | None = None
+    confidence: float | None = None
+    experts_loaded: int = 0
+    experts_reused: int = 0
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    """One step of a generation, as :meth:`Engine.generate` yields it.
+
+    ``text`` and ``token_ids`` are deltas since the previous output. ``text`` never contains any
+    part of a stop string; it may be empty while the engine holds text back (a possible stop string
+    forming, an incomplete UTF-8 character) or when the output only carries ``routing``.
+    ``token_ids`` holds every generated token, including an end-of-sequence token and the tokens
+    that formed a stop string. ``prompt_tokens`` and ``completion_tokens`` are running totals
+    (``completion_tokens`` counts every generated token). ``finish_reason`` is set exactly when
+    ``finished``; ``stop_reason`` is the stop string that matched (``None`` for an
+    end-of-sequence token or another finish reason). ``routing`` must be set on the first output;
+    later outputs may leave it ``None``.
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    routing: RoutingInfo | None = None
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the HTTP layer uses (``PreTrainedTokenizerBase`` fits)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool
+    ) -> Any:
+        """With ``tokenize=False``: the prompt text. Raises ``ValueError`` without a template."""
+        ...
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from the engine. See the module docstring for the rules.
+
+    ``tokenizer``, ``model_name``, ``max_model_len``, ``task_names`` and ``describe`` are only
+    read once ``is_ready`` is true (the HTTP layer answers 503 before that).
+    """
+
+    @property
+    def is_ready(self) -> bool:
+        """False while loading (the HTTP layer answers 503); cheap, called on every request."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def model_name(self) -> str:
+        """The model's own name, served unless the settings give another."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Context length in tokens: prompt plus generated tokens never exceed it."""
+        ...
+
+    async def start(self, metrics: EngineMetrics) -> None:
+        """Called once from the app's lifespan before serving. Returns promptly: loading may go on
+        in the engine's thread, with ``is_ready`` false until it is done. The engine reports its
+        own figures (queue length, expert loads, ...) through ``metrics``."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Called once when the app stops: abort what runs, stop the engine thread."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Yield outputs as tokens come (implemented as ``async def`` with ``yield``)."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free what it holds. Idempotent; unknown or finished ids are ignored."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine is broken (for example its thread died); return if healthy."""
+        ...
+
+    def task_names(self) -> list[str]:
+        """The tasks that have a pattern, i.e. the valid values of ``taer.task``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable state for ``GET /v1/taer/patterns``: tasks, resident experts per
+        layer, cache statistics."""
+        ...
+
+
+# Validation helpers -------------------------------------------------------------------------------
+
+
+def _check_int(value: object, name: str, *, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}", param=name)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise RequestError(f"{name} must be {bound}, got {value}", param=name)
+
+
+def _check_number(
+    value: object,
+    name: str,
+    *,
+    minimum: float,
+    inclusive_minimum: bool = True,
+    maximum: float | None = None,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}", param=name)
+    too_low = value < minimum if inclusive_minimum else value <= minimum
+    if too_low or (maximum is not None and value > maximum):
+        low = f">= {minimum}" if inclusive_minimum else f"> {minimum}"
+        bound = low if maximum is None else f"{low} and <= {maximum}"
+        raise RequestError(f"{name} must be {bound}, got {value}", param=name)

@@ -1,0 +1,177 @@
+"""Prometheus metrics, on one ``CollectorRegistry`` per app (no global registry, so two apps in one
+process, as in the tests, never share counters).
+
+:class:`ServerMetrics` is what the HTTP layer records; :class:`EngineMetrics` is what the engine
+reports through the methods below (the app hands it to :meth:`Engine.start`). Only the methods are
+the engine's interface; the prometheus objects behind them are private.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+PREFIX = "taer"
+
+# Seconds. TTFT spans a queue wait and an expert load; inter-token latency is one decode step.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ServerMetrics:
+    """What the HTTP layer measures: requests, tokens and latencies as clients see them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self._in_flight = Gauge(
+            f"{PREFIX}_generation_requests_in_flight",
+            "Generation requests admitted by the HTTP layer and not yet finished.",
+            registry=registry,
+        )
+        self._prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests.", registry=registry
+        )
+        self._generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Generated tokens.", registry=registry
+        )
+        self._ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self._itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between consecutive generated tokens.",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self._e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "From arrival to the end of the generation.",
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self._routed = Counter(
+            f"{PREFIX}_routed_requests",
+            "Generation requests by the task and mode that served them.",
+            ["task", "mode"],
+            registry=registry,
+        )
+
+    def record_request(self, endpoint: str, status: int) -> None:
+        self._requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def set_in_flight(self, count: int) -> None:
+        self._in_flight.set(count)
+
+    def record_prompt_tokens(self, count: int) -> None:
+        self._prompt_tokens.inc(count)
+
+    def record_generation_tokens(self, count: int) -> None:
+        self._generation_tokens.inc(count)
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def observe_e2e_latency(self, seconds: float) -> None:
+        self._e2e.observe(seconds)
+
+    def record_routed(self, task: str | None, mode: str) -> None:
+        self._routed.labels(task=task or "none", mode=mode).inc()
+
+
+class EngineMetrics:
+    """What the engine reports. Thread-safe (prometheus-client locks), so the engine thread may call
+    these directly."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._queue_length = Gauge(
+            f"{PREFIX}_queue_length", "Requests waiting in the engine's queue.", registry=registry
+        )
+        self._running = Gauge(
+            f"{PREFIX}_requests_running", "Requests the engine is generating for now.", registry=registry
+        )
+        self._retrieval = Histogram(
+            f"{PREFIX}_retrieval_latency_seconds",
+            "Embedding a query and choosing its task.",
+            buckets=RETRIEVAL_BUCKETS,
+            registry=registry,
+        )
+        self._loads = Counter(
+            f"{PREFIX}_expert_loads", "Experts copied from the store to the device.", registry=registry
+        )
+        self._load_bytes = Counter(
+            f"{PREFIX}_expert_load_bytes", "Bytes of expert weights copied to the device.", registry=registry
+        )
+        self._hits = Counter(
+            f"{PREFIX}_expert_hits", "Needed experts that were already resident.", registry=registry
+        )
+        self._misses = Counter(
+            f"{PREFIX}_expert_misses", "Needed experts that were not resident.", registry=registry
+        )
+        self._switches = Counter(
+            f"{PREFIX}_pattern_switches",
+            "Activations of a pattern other than the active one, by the pattern switched to.",
+            ["task"],
+            registry=registry,
+        )
+        self._resident_bytes = Gauge(
+            f"{PREFIX}_resident_expert_bytes",
+            "Bytes of expert weights resident on the device.",
+            registry=registry,
+        )
+
+    def set_queue_length(self, count: int) -> None:
+        self._queue_length.set(count)
+
+    def set_running(self, count: int) -> None:
+        self._running.set(count)
+
+    def observe_retrieval(self, seconds: float) -> None:
+        self._retrieval.observe(seconds)
+
+    def record_expert_loads(self, count: int, num_bytes: int) -> None:
+        self._loads.inc(count)
+        self._load_bytes.inc(num_bytes)
+
+    def record_expert_lookups(self, hits: int, misses: int) -> None:
+        self._hits.inc(hits)
+        self._misses.inc(misses)
+
+    def record_pattern_switch(self, task: str) -> None:
+        self._switches.labels(task=task).inc()
+
+    def set_resident_expert_bytes(self, num_bytes: int) -> None:
+        self._resident_bytes.set(num_bytes)
+
+
+class Metrics:
+    """One app's registry with both halves."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.server = ServerMetrics(self.registry)
+        self.engine = EngineMetrics(self.registry)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,152 @@
+"""``POST /generate`` and ``POST /generate_stream`` in text-generation-inference's shapes.
+
+Differences from TGI, on purpose: errors use the OpenAI error shape (as every route here does);
+``do_sample: false`` decodes greedily even when a temperature is given; a streamed event carries
+one engine output, which is one token unless the engine coalesced several (its ``id`` is then the
+last of them); ``logprob`` is always null.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
+from server.protocol import TaerInfo, TgiDetails, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
+from server.request_run import RequestRun
+from server.serving_base import RequestedSampling, ServingBase, routing_headers, sse_event, stop_tuple
+
+API_DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
+
+_PARAM_NAMES = {
+    name: f"parameters.{name}"
+    for name in ("temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty")
+} | {"max_tokens": "parameters.max_new_tokens"}
+
+
+class ServingTGI(ServingBase):
+    """TGI's generate routes."""
+
+    async def generate(self, body: TgiRequest, raw: Request) -> Response:
+        request = self.to_generation_request(body)
+        result = await self.complete(request, raw)
+        details = None
+        if body.parameters.details:
+            details = _details(
+                result.finish_reason,
+                result.stop_reason,
+                generated_tokens=result.completion_tokens,
+                seed=request.sampling.seed,
+                input_length=result.prompt_tokens,
+            )
+        response = TgiResponse(
+            generated_text=_prefix(body) + result.text,
+            details=details,
+            taer=TaerInfo.from_routing(result.routing),
+        )
+        return JSONResponse(
+            to_json(response, omit_if_none=("taer", "details")), headers=routing_headers(result.routing)
+        )
+
+    async def generate_stream(self, body: TgiRequest, raw: Request) -> Response:
+        request = self.to_generation_request(body)
+        run, first = await self.start_stream(request, raw)
+        # TGI ends its streams without a [DONE] marker.
+        return self.sse_response(run, first, _TgiStream(_prefix(body)), done_marker=False)
+
+    def to_generation_request(self, body: TgiRequest) -> GenerationRequest:
+        params = body.parameters
+        seed = params.seed
+        if params.do_sample and seed is None:
+            # Chosen here, not in the engine, so that `details.seed` can report it.
+            seed = secrets.randbits(63)
+        prompt_token_ids = self.encode(body.inputs, add_special_tokens=True)
+        asked = RequestedSampling(
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature if params.do_sample else 0.0,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=seed if params.do_sample else None,
+            stop=stop_tuple(params.stop),
+            repetition_penalty=params.repetition_penalty,
+            prompt_param="inputs",
+            names=_PARAM_NAMES,
+        )
+        return GenerationRequest(
+            request_id=f"tgi-{uuid.uuid4().hex}",
+            prompt_token_ids=prompt_token_ids,
+            retrieval_text=body.inputs,
+            sampling=self.sampling_params(
+                asked, len(prompt_token_ids), api_max_tokens=API_DEFAULT_MAX_NEW_TOKENS
+            ),
+            taer=self.taer_options(body.taer),
+        )
+
+
+def _prefix(body: TgiRequest) -> str:
+    return body.inputs if body.parameters.return_full_text else ""
+
+
+def _details(
+    finish_reason: FinishReason,
+    stop_reason: str | None,
+    *,
+    generated_tokens: int,
+    seed: int | None,
+    input_length: int,
+) -> TgiDetails:
+    if finish_reason == "length":
+        tgi_reason = "length"
+    else:
+        tgi_reason = "stop_sequence" if stop_reason is not None else "eos_token"
+    return TgiDetails(
+        finish_reason=tgi_reason, generated_tokens=generated_tokens, seed=seed, input_length=input_length
+    )
+
+
+class _TgiStream:
+    """One event per engine output that carries tokens; the last one also carries
+    ``generated_text`` and ``details``."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._texts: list[str] = []
+        self._index = 0
+        self._last_token_id = 0
+
+    def opening(self, run: RequestRun) -> list[bytes]:
+        return []
+
+    def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:
+        if not (output.token_ids or output.text or output.finished):
+            return []
+        self._index += 1
+        self._texts.append(output.text)
+        if output.token_ids:
+            self._last_token_id = output.token_ids[-1]
+        # A finishing output without text is the end-of-sequence token.
+        is_eos = (
+            output.finished and not output.text and run.finish_reason == "stop" and run.stop_reason is None
+        )
+        event = TgiStreamEvent(
+            index=self._index, token=TgiToken(id=self._last_token_id, text=output.text, special=is_eos)
+        )
+        if self._index == 1:
+            event.taer = TaerInfo.from_routing(run.routing)
+        if output.finished:
+            assert run.finish_reason is not None
+            event.generated_text = self._prefix + "".join(self._texts)
+            event.details = _details(
+                run.finish_reason,
+                run.stop_reason,
+                generated_tokens=run.completion_tokens,
+                seed=run.request.sampling.seed,
+                input_length=run.prompt_tokens,
+            )
+        return [sse_event(to_json(event))]
+
+    def closing(self, run: RequestRun) -> list[bytes]:
+        return []
