@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train the demo model and write its task suite (returns at once when already built)",
         description="Writes OUT/model (a Hugging Face checkpoint), OUT/tasks/tasks.yaml and OUT/build.json.",
     )
-    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    build.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
     build.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
     build.add_argument(

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="exact-match accuracy of a checkpoint on a task suite",
         description="Greedy, batched evaluation of MODEL_DIR on each task's evaluation prompts.",
     )
-    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a Hugging Face checkpoint directory")
+    parser.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="a Hugging Face checkpoint directory"
+    )
     parser.add_argument(
         "--tasks", type=Path, help="tasks.yaml (default: MODEL_DIR/../tasks/tasks.yaml when it exists)"
     )
@@ -74,8 +76,6 @@ def format_table(result: EvalResult) -> str:
 def run(args: argparse.Namespace) -> int:
     suite = load_suite(tasks_file_for(args.model_dir, args.tasks))
     model, tokenizer = load_model(args.model_dir, device=args.device)
-    result = evaluate(
-        model, tokenizer, suite, split=args.split, limit=args.limit, batch_size=args.batch_size
-    )
+    result = evaluate(model, tokenizer, suite, split=args.split, limit=args.limit, batch_size=args.batch_size)
     print(json.dumps(result.to_json()) if args.json else format_table(result))
     return 0

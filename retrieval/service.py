@@ -1,0 +1,142 @@
+"""From a request to the experts that serve it: retrieve the task, select its retained set.
+
+``PatternRouter`` composes the task index (semantic retrieval, optional), the pattern set and a
+budget. It knows nothing of HTTP: the engine calls ``route`` with the request texts and the
+client's choices, and gets back the task, the mode and the selection in decoder-layer terms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from expert_store.errors import RequestError, UnknownTaskError
+from retrieval.index import TaskIndex
+from retrieval.patterns import PatternSet
+from retrieval.selection import Budget, Selection, merge, select
+from retrieval.tasks_file import GENERAL
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["pruned", "exact", "full"]
+LayerSelection = dict[int, tuple[int, ...]]  # decoder layer -> expert ids, best first
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one request is served. ``selection`` is None in full mode."""
+
+    task: str | None
+    mode: Mode
+    selection: LayerSelection | None
+    similarity: float | None = None
+    confidence: float | None = None
+    retrieval_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    text: str
+    task: str | None = None
+    mode: Mode | None = None
+
+
+class PatternRouter:
+    """Retrieval + selection under one budget, with a selection cache per task."""
+
+    def __init__(
+        self,
+        patterns: PatternSet,
+        budget: Budget,
+        index: TaskIndex | None = None,
+        default_mode: Mode = "pruned",
+        adaptive: bool = False,
+        merge_close_calls: bool = False,
+        k: int = 8,
+    ) -> None:
+        self.patterns = patterns
+        self.budget = budget
+        self.index = index
+        self.default_mode = default_mode
+        self.adaptive = adaptive
+        self.merge_close_calls = merge_close_calls
+        self.k = k
+        self.moe_layers: list[int] = list(patterns.metadata.get("moe_layers", []))
+        self._selection = lru_cache(maxsize=256)(self._select)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [*self.patterns.tasks, GENERAL]
+
+    def route(self, requests: Sequence[RouteRequest]) -> list[Route]:
+        """One route per request; the texts that need retrieval are embedded together."""
+        to_retrieve = [
+            i for i, r in enumerate(requests) if r.task is None and (r.mode or self.default_mode) != "full"
+        ]
+        retrieved = {}
+        seconds = 0.0
+        if to_retrieve and self.index is not None:
+            start = time.perf_counter()
+            results = self.index.query([requests[i].text for i in to_retrieve], k=self.k)
+            seconds = (time.perf_counter() - start) / len(to_retrieve)
+            retrieved = dict(zip(to_retrieve, results, strict=True))
+        routes = []
+        for i, request in enumerate(requests):
+            mode = request.mode or self.default_mode
+            if mode == "full":
+                routes.append(Route(None, "full", None))
+            elif request.task is not None:
+                routes.append(Route(request.task, mode, self.selection(request.task)))
+            elif i in retrieved:
+                result = retrieved[i]
+                task, key = result.task, result.task
+                if (
+                    self.merge_close_calls
+                    and result.close_call
+                    and result.runner_up
+                    and not result.is_fallback
+                ):
+                    key = f"{result.task}+{result.runner_up}"
+                routes.append(
+                    Route(task, mode, self.selection(key), result.similarity, result.confidence, seconds)
+                )
+            else:
+                routes.append(Route(GENERAL, mode, self.selection(GENERAL), None, None))
+        return routes
+
+    def selection(self, task: str) -> LayerSelection:
+        """The retained experts of ``task`` ("a+b" merges two tasks' TCESS) in decoder-layer terms."""
+        for name in task.split("+"):
+            if name not in self.task_names:
+                raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(self.task_names)}")
+        return self._selection(task)
+
+    def _select(self, task: str) -> LayerSelection:
+        names = task.split("+")
+        if len(names) == 1:
+            chosen = self.patterns.select(task, self.budget, adaptive=self.adaptive)
+        else:
+            a, b = (self.patterns.get(n).stats for n in names)
+            scores = merge(a.tcess, b.tcess, 0.5)
+            chosen = select(
+                scores,
+                self.budget,
+                top_k=a.top_k,
+                always_keep=self.patterns.required_experts(),
+                adaptive=self.adaptive,
+                tiebreak=merge(a.mean_prob, b.mean_prob, 0.5),
+            )
+        return to_layers(chosen, self.moe_layers)
+
+
+def to_layers(selection: Selection, moe_layers: Sequence[int]) -> LayerSelection:
+    """Rows (MoE layers in order) -> decoder layer indices."""
+    if len(selection.layers) != len(moe_layers):
+        raise RequestError(
+            f"a selection of {len(selection.layers)} layers does not fit {len(moe_layers)} MoE layers"
+        )
+    return {moe_layers[row]: tuple(selection.experts(row)) for row in selection.layers}

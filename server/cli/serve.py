@@ -1,0 +1,121 @@
+"""`taer serve STORE_DIR --patterns DIR`: the HTTP server. Every flag can come from a TAER_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from expert_store.errors import TaerError
+
+
+def _env(name: str, default=None, kind=str):
+    value = os.environ.get(f"TAER_{name}")
+    if value is None or value == "":
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise TaerError(
+            f"environment variable TAER_{name}={value!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve a store over HTTP (OpenAI and TGI APIs)")
+    parser.add_argument(
+        "store_dir", type=Path, nargs="?", default=_env("STORE", None, Path), help="the store (TAER_STORE)"
+    )
+    parser.add_argument(
+        "--patterns",
+        type=Path,
+        default=_env("PATTERNS", None, Path),
+        help="patterns directory from `taer calibrate` (TAER_PATTERNS)",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--keep",
+        type=float,
+        default=_env("KEEP", None, float),
+        help="fraction of experts per layer a pattern keeps (TAER_KEEP; default 0.5)",
+    )
+    budget.add_argument(
+        "--experts-per-layer",
+        type=int,
+        default=_env("EXPERTS_PER_LAYER", None, int),
+        help="experts per layer a pattern keeps (TAER_EXPERTS_PER_LAYER)",
+    )
+    parser.add_argument(
+        "--expert-memory",
+        type=_bytes,
+        default=_env("EXPERT_MEMORY", None, _bytes),
+        help="device memory for expert slots, e.g. 20GB (TAER_EXPERT_MEMORY)",
+    )
+    parser.add_argument(
+        "--slots-per-layer",
+        type=int,
+        default=_env("SLOTS_PER_LAYER", None, int),
+        help="expert slots per layer (default: the budget's experts per layer)",
+    )
+    parser.add_argument("--mode", choices=["pruned", "exact", "full"], default=_env("MODE", "pruned"))
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=_env("PORT", 8000, int))
+    parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")
+    parser.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256, int))
+    parser.add_argument("--max-batch-size", type=int, default=_env("MAX_BATCH_SIZE", 16, int))
+    parser.add_argument("--device", default=_env("DEVICE", "cpu"))
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=_env("DTYPE"))
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        default=_env("ENCODER", None, Path),
+        help="sentence-transformers model directory the index was built with",
+    )
+    parser.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"))
+    parser.set_defaults(func=run)
+
+
+def _bytes(text: str) -> int:
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    lowered = text.strip().lower()
+    for suffix, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(float(lowered))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import TaerEngine
+    from server.loading import ServeConfig, check_serve_config, load_engine_parts
+    from server.settings import ServerSettings
+
+    if args.store_dir is None or args.patterns is None:
+        raise TaerError("give the store directory and --patterns (or TAER_STORE and TAER_PATTERNS)")
+    config = ServeConfig(
+        store_dir=args.store_dir,
+        patterns_dir=args.patterns,
+        keep=args.keep,
+        experts_per_layer=args.experts_per_layer,
+        expert_memory=args.expert_memory,
+        slots_per_layer=args.slots_per_layer,
+        mode=args.mode,
+        device=args.device,
+        dtype=args.dtype,
+        encoder=args.encoder,
+    )
+    check_serve_config(config)
+    engine = TaerEngine(
+        lambda: load_engine_parts(config), max_batch_size=args.max_batch_size, max_waiting=args.max_queue
+    )
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        model_name=args.served_model_name,
+    )
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,153 @@
+"""The engine the HTTP layer talks to: an asyncio facade over the engine thread.
+
+``generate`` hands a request to the thread and awaits its outputs, which the thread passes back with
+``loop.call_soon_threadsafe``: the event loop never waits on torch, FAISS or the encoder. Loading
+also happens on the engine thread, so the server answers 503 (and ``/health`` says loading) until
+the model is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from expert_store.errors import EngineNotReadyError, TaerError
+from server.detokenizer import IncrementalDetokenizer
+from server.engine_api import GenerationOutput, GenerationRequest
+from server.engine_core import EngineCore, EngineParts
+from server.scheduler import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class TaerEngine:
+    """Implements ``server.engine_api.Engine`` over ``EngineCore``."""
+
+    def __init__(
+        self, load: Callable[[], EngineParts], max_batch_size: int = 16, max_waiting: int = 256
+    ) -> None:
+        self._load = load
+        self._max_batch_size = max_batch_size
+        self._max_waiting = max_waiting
+        self._core: EngineCore | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self, metrics) -> None:
+        self._thread = threading.Thread(target=self._main, args=(metrics,), name="taer-engine", daemon=True)
+        self._thread.start()
+
+    def _main(self, metrics) -> None:
+        try:
+            parts = self._load()
+            self._core = EngineCore(parts, metrics, self._max_batch_size, self._max_waiting)
+            self._ready.set()
+            logger.info("engine ready: %s", parts.model_name)
+            self._core.run_forever()
+        except BaseException as error:
+            logger.exception("engine thread stopped")
+            self._error = error
+
+    async def shutdown(self) -> None:
+        if self._core is not None:
+            self._core.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    # The contract -------------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self._error is None
+
+    @property
+    def parts(self) -> EngineParts:
+        if self._core is None:
+            raise EngineNotReadyError("the model is still loading")
+        return self._core.parts
+
+    @property
+    def tokenizer(self):
+        return self.parts.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.parts.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.parts.max_model_len
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if not self.is_ready:
+            raise EngineNotReadyError("the model is still loading")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        sequence = Sequence(
+            request=request,
+            emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+        )
+        self._core.submit(sequence)
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._core.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._core is not None:
+            self._core.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._error is not None:
+            raise TaerError(f"the engine stopped: {self._error}")
+        if self._thread is not None and not self._thread.is_alive() and self._ready.is_set():
+            raise TaerError("the engine thread is not running")
+
+    def task_names(self) -> list[str]:
+        return self.parts.router.task_names
+
+    def describe(self) -> dict[str, Any]:
+        parts = self.parts
+        cache = parts.runtime.cache
+        stats = cache.stats
+        return {
+            "model": parts.model_name,
+            "tasks": parts.router.task_names,
+            "mode": parts.router.default_mode,
+            "budget": parts.router.budget.describe(),
+            "slots_per_layer": cache.num_slots,
+            "num_experts": parts.runtime.layout.num_experts,
+            "resident_experts": {str(layer): experts for layer, experts in cache.resident().items()},
+            "resident_expert_bytes": cache.resident_bytes,
+            "expert_capacity_bytes": cache.capacity_bytes,
+            "cache": {
+                "loads": stats.loads,
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "evictions": stats.evictions,
+                "bytes_loaded": stats.bytes_loaded,
+                "hit_rate": stats.hit_rate,
+                "activations": stats.activations,
+            },
+            "retrieval": "semantic" if parts.router.index is not None else "none (general pattern)",
+        }

@@ -1,0 +1,277 @@
+"""The engine thread: owns the model, routes requests, forms batches, steps them, emits tokens.
+
+Everything here runs on one thread; the async facade (``server/engine.py``) hands requests in
+through ``submit``/``abort`` and receives outputs through each sequence's ``emit`` callback. A
+request's whole life is visible in ``step``: admit (retrieve patterns), start a batch (prefetch its
+experts, prefill), or decode one token for every live sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from expert_store.errors import QueueFullError, TaerError
+from expert_store.runtime import MoERuntime
+from retrieval.service import PatternRouter, RouteRequest
+from server.engine_api import GenerationOutput, RoutingInfo
+from server.model_runner import BatchRunner
+from server.sampling import make_generator, next_token
+from server.scheduler import Scheduler, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    """What the engine serves with, built once at start-up."""
+
+    runtime: MoERuntime
+    router: PatternRouter
+    tokenizer: object
+    model_name: str
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+class EngineCore:
+    def __init__(self, parts: EngineParts, metrics, max_batch_size: int = 16, max_waiting: int = 256) -> None:
+        self.parts = parts
+        self.metrics = metrics
+        self.scheduler = Scheduler(parts.runtime.num_slots, max_batch_size, max_waiting)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.batch: list[Sequence] = []
+        self.runner: BatchRunner | None = None
+        self.stopping = False
+        self._last_tasks: frozenset = frozenset()
+        self._lock = threading.Lock()
+        self.num_waiting = 0
+
+    # Called from other threads -------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._lock:
+            if self.num_waiting + len(self.scheduler.waiting) >= self.scheduler.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
+            self.num_waiting += 1
+        self.inbox.put(("add", sequence))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+
+    # The engine thread ---------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        while not self.stopping:
+            self._drain(block=not self.batch and not self.scheduler.waiting)
+            if self.stopping:
+                break
+            try:
+                self.step()
+            except Exception as error:  # a fault in one batch fails that batch, not the server
+                logger.exception("engine step failed")
+                for sequence in self.batch:
+                    self._fail(sequence, error)
+                self.batch, self.runner = [], None
+        for sequence in [*self.batch, *self.scheduler.waiting]:
+            self._finish(sequence, "abort")
+
+    def step(self) -> None:
+        if not self.batch:
+            self._admit()
+            self._start_batch()
+        elif self.runner is not None:
+            self._decode()
+        self.metrics.set_queue_length(len(self.scheduler.waiting))
+        self.metrics.set_running(len(self.batch))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._abort(payload)
+            else:
+                self.stopping = True
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, sequence: Sequence) -> None:
+        with self._lock:
+            self.num_waiting -= 1
+        self.scheduler.waiting.append(sequence)
+
+    def _abort(self, request_id: str) -> None:
+        sequence = self.scheduler.remove(request_id)
+        if sequence is not None:
+            self._finish(sequence, "abort")
+            return
+        for sequence in self.batch:
+            if sequence.request_id == request_id and not sequence.finished:
+                self._finish(sequence, "abort")
+        self._compact()
+
+    def _admit(self) -> None:
+        """Retrieve a pattern for every waiting request that has none yet (their texts together)."""
+        pending = [s for s in self.scheduler.waiting if s.route is None]
+        if not pending:
+            return
+        requests = [
+            RouteRequest(s.request.retrieval_text, s.request.taer.task, s.request.taer.mode) for s in pending
+        ]
+        try:
+            routes = self.parts.router.route(requests)
+        except TaerError as error:
+            for sequence in pending:
+                self.scheduler.remove(sequence.request_id)
+                self._fail(sequence, error)
+            return
+        for sequence, route in zip(pending, routes, strict=True):
+            sequence.route = route
+            if route.retrieval_seconds:
+                self.metrics.observe_retrieval(route.retrieval_seconds)
+
+    def _start_batch(self) -> None:
+        batch = self.scheduler.form_batch()
+        if not batch:
+            return
+        runtime = self.parts.runtime
+        report = runtime.cache.prefetch(_union(batch, runtime.num_slots))
+        for sequence in batch:
+            sequence.experts_loaded, sequence.experts_reused = report.loaded, report.reused
+            sequence.generator = make_generator(sequence.request.sampling)
+        self.metrics.record_expert_loads(report.loaded, report.bytes_loaded)
+        tasks = frozenset(s.route.task for s in batch)
+        if tasks != self._last_tasks:
+            for task in tasks - self._last_tasks:
+                self.metrics.record_pattern_switch(task or "full")
+            self._last_tasks = tasks
+        self.batch = batch
+        self.runner = BatchRunner(
+            runtime, [s.request.prompt_token_ids for s in batch], _row_masks(batch, runtime)
+        )
+        self._forward_and_sample()
+
+    def _decode(self) -> None:
+        self._forward_and_sample()
+
+    def _forward_and_sample(self) -> None:
+        before = self.parts.runtime.cache.stats.copy()
+        logits = self.runner.step()  # [B, V]
+        delta = self.parts.runtime.cache.stats - before
+        self.metrics.record_expert_lookups(delta.hits, delta.misses)
+        if delta.loads:
+            self.metrics.record_expert_loads(delta.loads, delta.bytes_loaded)
+        self.metrics.set_resident_expert_bytes(self.parts.runtime.cache.resident_bytes)
+        tokens = []
+        for row, sequence in enumerate(self.batch):
+            token = next_token(logits[row], sequence.request.sampling, sequence.generated, sequence.generator)
+            tokens.append(token)
+            if not sequence.finished:
+                self._push(sequence, token)
+        self._compact(tokens)
+
+    def _push(self, sequence: Sequence, token: int) -> None:
+        sampling = sequence.request.sampling
+        sequence.generated.append(token)
+        is_eos = token in self.parts.eos_token_ids and not sampling.ignore_eos
+        delta = sequence.detokenizer.push(token)
+        text, reason, stop = delta.text, None, delta.stop
+        if stop is not None or is_eos:
+            reason = "stop"
+        elif len(sequence.generated) >= sampling.max_tokens or (
+            len(sequence.request.prompt_token_ids) + len(sequence.generated) >= self.parts.max_model_len
+        ):
+            reason = "length"
+        if reason is not None and stop is None:
+            text += sequence.detokenizer.flush()
+        self._emit(sequence, text, [token], reason, stop)
+
+    def _compact(self, tokens: list[int] | None = None) -> None:
+        """Drop finished rows from the batch; queue the live rows' tokens for the next step."""
+        live = [row for row, sequence in enumerate(self.batch) if not sequence.finished]
+        if not live:
+            self.batch, self.runner = [], None
+            return
+        if self.runner is not None:
+            self.runner.keep(live)
+            if tokens is not None:
+                self.runner.append([tokens[row] for row in live])
+        self.batch = [self.batch[row] for row in live]
+
+    def _emit(self, sequence: Sequence, text: str, token_ids: list[int], reason, stop: str | None) -> None:
+        routing = None
+        if not sequence.routing_sent:
+            route = sequence.route
+            routing = RoutingInfo(
+                task=route.task if route else None,
+                mode=route.mode if route else "full",
+                similarity=route.similarity if route else None,
+                confidence=route.confidence if route else None,
+                experts_loaded=sequence.experts_loaded,
+                experts_reused=sequence.experts_reused,
+            )
+            sequence.routing_sent = True
+        if reason is not None:
+            sequence.finished = True
+        sequence.emit(
+            GenerationOutput(
+                request_id=sequence.request_id,
+                text=text,
+                token_ids=token_ids,
+                finished=reason is not None,
+                finish_reason=reason,
+                stop_reason=stop,
+                prompt_tokens=len(sequence.request.prompt_token_ids),
+                completion_tokens=len(sequence.generated),
+                routing=routing,
+            )
+        )
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        if not sequence.finished:
+            self._emit(sequence, "", [], reason, None)
+
+    def _fail(self, sequence: Sequence, error: BaseException) -> None:
+        if not sequence.finished:
+            sequence.finished = True
+            sequence.emit(error)
+
+
+def _union(batch: list[Sequence], num_slots: int) -> dict[int, list[int]]:
+    """Experts to prefetch: pruned selections first (they must be resident), then exact hints."""
+    union: dict[int, list[int]] = {}
+    ordered = sorted(batch, key=lambda s: s.route.mode != "pruned")
+    for sequence in ordered:
+        for layer, experts in (sequence.route.selection or {}).items():
+            merged = union.setdefault(layer, [])
+            merged.extend(e for e in experts if e not in merged and len(merged) < num_slots)
+    return union
+
+
+def _row_masks(batch: list[Sequence], runtime: MoERuntime) -> dict[int, torch.Tensor]:
+    """layer -> bool [B, E]: a pruned sequence's row allows its selection, any other row all experts."""
+    layout = runtime.layout
+    masks = {}
+    for layer in layout.moe_layers:
+        rows = torch.ones(len(batch), layout.num_experts, dtype=torch.bool)
+        for row, sequence in enumerate(batch):
+            if sequence.route.mode == "pruned" and sequence.route.selection is not None:
+                rows[row] = False
+                rows[row, list(sequence.route.selection[layer])] = True
+        masks[layer] = rows.to(runtime.device)
+    return masks

@@ -1,0 +1,141 @@
+"""Building the engine's parts from a store and a patterns directory, under a memory budget."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from expert_store.errors import BudgetError
+from expert_store.runtime import RuntimeConfig, load_runtime, slots_for_budget
+from expert_store.store import ExpertStore
+from retrieval.build import INDEX_SUBDIR
+from retrieval.calibrate import load_patterns_for_store
+from retrieval.selection import Budget
+from retrieval.service import PatternRouter
+from server.engine_core import EngineParts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """What `taer serve` loads. At most one of ``keep`` and ``experts_per_layer``; ``expert_memory``
+    (bytes for every MoE layer's slots together) sets the slots, and the budget when neither is given."""
+
+    store_dir: Path
+    patterns_dir: Path
+    keep: float | None = None
+    experts_per_layer: int | None = None
+    expert_memory: int | None = None
+    slots_per_layer: int | None = None
+    mode: Literal["pruned", "exact", "full"] = "pruned"
+    device: str = "cpu"
+    dtype: str | None = None
+    encoder: Path | None = None
+    adaptive: bool = False
+    merge_close_calls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and self.experts_per_layer is not None:
+            raise BudgetError("give either --keep or --experts-per-layer, not both")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise BudgetError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.mode not in ("pruned", "exact", "full"):
+            raise BudgetError(f"unknown mode {self.mode!r}; use pruned, exact or full")
+
+
+def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_param: int) -> tuple[Budget, int]:
+    """(selection budget, slots per layer) for this store."""
+    layout = store.layout
+    slots = config.slots_per_layer
+    if config.expert_memory is not None:
+        slots = slots_for_budget(layout, layout.params_per_expert * bytes_per_param, config.expert_memory)
+    if config.keep is not None:
+        budget = Budget(keep=config.keep)
+    elif config.experts_per_layer is not None:
+        budget = Budget(experts_per_layer=config.experts_per_layer)
+    elif slots is not None:
+        budget = Budget(experts_per_layer=slots)
+    else:
+        budget = Budget(keep=0.5)
+    per_layer = budget.per_layer(layout.num_experts)
+    if per_layer < layout.top_k:
+        raise BudgetError(
+            f"the budget keeps {per_layer} experts per layer, fewer than top-k = {layout.top_k}"
+        )
+    slots = slots or per_layer
+    if slots < per_layer:
+        raise BudgetError(
+            f"the budget keeps {per_layer} experts per layer but the expert memory holds only {slots}; "
+            "lower --keep or raise --expert-memory"
+        )
+    return budget, min(slots, layout.num_experts)
+
+
+def check_serve_config(config: ServeConfig) -> None:
+    """The cheap checks, before the server starts: store, patterns of this model, budget."""
+    store = ExpertStore(config.store_dir)
+    try:
+        load_patterns_for_store(config.patterns_dir, config.store_dir)
+        import torch
+
+        from expert_store.runtime import runtime_dtype
+
+        plan_budget(config, store, torch.empty((), dtype=runtime_dtype(store, config.dtype)).element_size())
+    finally:
+        store.close()
+
+
+def load_engine_parts(config: ServeConfig) -> EngineParts:
+    store = ExpertStore(config.store_dir)
+    patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
+    import torch
+
+    from expert_store.runtime import runtime_dtype
+
+    dtype = runtime_dtype(store, config.dtype)
+    budget, slots = plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
+    store.close()
+    runtime = load_runtime(
+        config.store_dir, RuntimeConfig(device=config.device, dtype=config.dtype, slots_per_layer=slots)
+    )
+    index = _load_index(config)
+    router = PatternRouter(
+        patterns,
+        budget,
+        index,
+        config.mode,
+        adaptive=config.adaptive,
+        merge_close_calls=config.merge_close_calls,
+    )
+    tokenizer = runtime.tokenizer
+    hf_config = runtime.model.config
+    eos = runtime.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    if config.mode == "pruned":  # warm the slots with the general pattern
+        runtime.cache.prefetch(router.selection("general"))
+    return EngineParts(
+        runtime=runtime,
+        router=router,
+        tokenizer=tokenizer,
+        model_name=Path(runtime.store.manifest.source or config.store_dir).name,
+        max_model_len=int(getattr(hf_config, "max_position_embeddings", 4096)),
+        eos_token_ids=frozenset(eos_ids),
+    )
+
+
+def _load_index(config: ServeConfig):
+    directory = Path(config.patterns_dir) / INDEX_SUBDIR
+    if not directory.exists():
+        logger.warning(
+            "no retrieval index in %s: every request uses the general pattern", config.patterns_dir
+        )
+        return None
+    from retrieval.encoder import Encoder
+    from retrieval.index import TaskIndex
+
+    return TaskIndex.load(directory, Encoder.load(config.encoder))

@@ -1,0 +1,82 @@
+"""Which waiting requests run together.
+
+A batch is formed from the oldest waiting request plus every later one that fits beside it: the
+union of the pruned selections must fit in the expert slots of every layer, so no sequence of the
+batch ever waits on another's experts. The oldest request always leads the next batch, so a request
+waits at most for the batches of the requests older than it: no starvation.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from retrieval.service import Route
+from server.detokenizer import IncrementalDetokenizer
+from server.engine_api import GenerationOutput, GenerationRequest
+
+
+@dataclass
+class Sequence:
+    """A request inside the engine."""
+
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput | BaseException], None]
+    detokenizer: IncrementalDetokenizer
+    route: Route | None = None
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    routing_sent: bool = False
+    finished: bool = False
+    experts_loaded: int = 0
+    experts_reused: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_batch_size: int, max_waiting: int) -> None:
+        self.num_slots = num_slots
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+
+    def remove(self, request_id: str) -> Sequence | None:
+        for sequence in self.waiting:
+            if sequence.request_id == request_id:
+                self.waiting.remove(sequence)
+                return sequence
+        return None
+
+    def form_batch(self) -> list[Sequence]:
+        """The oldest waiting request and the later ones that fit beside it, in arrival order."""
+        batch: list[Sequence] = []
+        union: dict[int, set[int]] = {}
+        for sequence in list(self.waiting):
+            if len(batch) == self.max_batch_size:
+                break
+            if batch and not self._fits(union, sequence.route):
+                continue
+            self._add_to_union(union, sequence.route)
+            batch.append(sequence)
+            self.waiting.remove(sequence)
+        return batch
+
+    def _fits(self, union: dict[int, set[int]], route: Route | None) -> bool:
+        if route is None or route.mode != "pruned" or route.selection is None:
+            return True
+        return all(
+            len(union.get(layer, set()) | set(experts)) <= self.num_slots
+            for layer, experts in route.selection.items()
+        )
+
+    @staticmethod
+    def _add_to_union(union: dict[int, set[int]], route: Route | None) -> None:
+        if route is not None and route.mode == "pruned" and route.selection is not None:
+            for layer, experts in route.selection.items():
+                union.setdefault(layer, set()).update(experts)
