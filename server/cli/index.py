@@ -1,4 +1,8 @@
-"""`taer index TASKS.yaml INDEX_DIR`: embed every task's prompts and build the retrieval index."""
+"""`taer index TASKS.yaml PATTERNS_DIR`: embed every task's prompts and build the retrieval index.
+
+The index goes where `taer calibrate` puts it and `taer serve` looks for it: ``PATTERNS_DIR/index``.
+Use it to rebuild the index alone (another encoder, other thresholds) without recalibrating.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ def register(subparsers) -> None:
         "index", help="embed the tasks' calibration prompts and examples into a retrieval index"
     )
     parser.add_argument("tasks_file", type=Path, help="TASKS.yaml (as given to `taer calibrate`)")
-    parser.add_argument("index_dir", type=Path, help="directory to write the index into")
+    parser.add_argument(
+        "patterns_dir", type=Path, help="the patterns directory; the index goes in its index/"
+    )
     parser.add_argument("--encoder", type=Path, default=None, help="sentence-transformers model directory")
     parser.add_argument("--kind", choices=["auto", "flat", "hnsw"], default="auto")
     parser.add_argument("--hnsw-threshold", type=int, default=None, help="auto: HNSW from this many texts")
@@ -33,6 +39,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from expert_store.errors import RetrievalIndexError
+    from retrieval.build import INDEX_SUBDIR
     from retrieval.encoder import Encoder
     from retrieval.index import DEFAULT_RULE, DEFAULT_SETTINGS, build_task_index
     from retrieval.task_texts import texts_by_task
@@ -54,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     texts = texts_by_task(load_tasks_file(args.tasks_file))
     encoder = Encoder.load(args.encoder)
     index = build_task_index(encoder, texts, kind=args.kind, rule=rule, settings=settings)
-    index.save(args.index_dir)
+    index_dir = index.save(args.patterns_dir / INDEX_SUBDIR)
     print(
-        f"{args.index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, "
+        f"{index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, "
         f"encoder {index.fingerprint}"
     )
     for text, result in zip(args.query, index.query(args.query), strict=True):

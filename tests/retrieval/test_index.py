@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from expert_store.errors import RetrievalIndexError
+from retrieval.build import INDEX_SUBDIR
 from retrieval.encoder import Encoder, EncoderFingerprint
 from retrieval.index import IndexSettings, TaskIndex, build_task_index
 from retrieval.index_io import FORMAT_VERSION, METADATA_FILE
@@ -353,13 +354,13 @@ def test_taer_index_builds_a_loadable_index(tmp_path, encoder, capsys):
     from server.cli import main
 
     tasks_file = write_tasks_file(tmp_path)
-    assert main(["index", str(tasks_file), str(tmp_path / "idx"), "--min-confidence", "0.6"]) == 0
+    assert main(["index", str(tasks_file), str(tmp_path / "patterns"), "--min-confidence", "0.6"]) == 0
     assert "flat index, 5 texts, 2 tasks" in capsys.readouterr().out
-    index = TaskIndex.load(tmp_path / "idx", encoder)
+    index = TaskIndex.load(tmp_path / "patterns" / INDEX_SUBDIR, encoder)  # where `taer serve` looks
     assert index.rule.min_confidence == 0.6
     assert [r.task for r in index.query(["Add 5 and 9.", "Spell 'river' backwards."])] == [
         "arithmetic",
         "reversal",
     ]
-    assert main(["index", str(tasks_file), str(tmp_path / "idx"), "--min-confidence", "2"]) == 2
+    assert main(["index", str(tasks_file), str(tmp_path / "patterns"), "--min-confidence", "2"]) == 2
     assert "min_confidence must lie in [0, 1]" in capsys.readouterr().err
