@@ -37,6 +37,13 @@ class ServeConfig:
     adaptive: bool = False
     merge_close_calls: bool = False
 
+    @property
+    def torch_dtype_name(self) -> str | None:
+        """bfloat16 by default on a GPU; the store's own dtype on the CPU."""
+        if self.dtype is None and self.device.startswith("cuda"):
+            return "bfloat16"
+        return self.dtype
+
     def __post_init__(self) -> None:
         if self.keep is not None and self.experts_per_layer is not None:
             raise BudgetError("give either --keep or --experts-per-layer, not both")
@@ -83,7 +90,7 @@ def check_serve_config(config: ServeConfig) -> None:
 
         from expert_store.runtime import runtime_dtype
 
-        plan_budget(config, store, torch.empty((), dtype=runtime_dtype(store, config.dtype)).element_size())
+        plan_budget(config, store, torch.empty((), dtype=runtime_dtype(store, config.torch_dtype_name)).element_size())
     finally:
         store.close()
 
@@ -95,11 +102,11 @@ def load_engine_parts(config: ServeConfig) -> EngineParts:
 
     from expert_store.runtime import runtime_dtype
 
-    dtype = runtime_dtype(store, config.dtype)
+    dtype = runtime_dtype(store, config.torch_dtype_name)
     budget, slots = plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
     store.close()
     runtime = load_runtime(
-        config.store_dir, RuntimeConfig(device=config.device, dtype=config.dtype, slots_per_layer=slots)
+        config.store_dir, RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots)
     )
     index = _load_index(config)
     router = PatternRouter(
