@@ -15,7 +15,7 @@ from expert_store.skeleton import empty_model
 
 @dataclass(frozen=True, slots=True)
 class SyntheticShape:
-    """A Qwen3-MoE checkpoint shape. The default is about 1.2 GB of bf16 experts."""
+    """A Qwen3-MoE checkpoint shape. The default holds about 2.4 GB of bf16 experts (64 x 4 layers x 9.4 MB)."""
 
     hidden: int = 2048
     intermediate: int = 768
@@ -27,10 +27,21 @@ class SyntheticShape:
 
     def config(self) -> Qwen3MoeConfig:
         return Qwen3MoeConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=4 * self.intermediate,
-            moe_intermediate_size=self.intermediate, num_hidden_layers=self.num_layers, num_attention_heads=16,
-            num_key_value_heads=4, head_dim=128, num_experts=self.num_experts, num_experts_per_tok=self.top_k,
-            norm_topk_prob=True, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=4 * self.intermediate,
+            moe_intermediate_size=self.intermediate,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.top_k,
+            norm_topk_prob=True,
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
             dtype=self.dtype,
         )
 

@@ -121,16 +121,22 @@ class ExpertCache:
         """
         if mode not in MODES:
             raise SelectionError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        wanted = {layer: self._checked(layer, selection.get(layer, ()), mode) for layer in self.layout.moe_layers}
+        wanted = {
+            layer: self._checked(layer, selection.get(layer, ()), mode) for layer in self.layout.moe_layers
+        }
         report = self._load(wanted, mode)
         self.mode = mode
-        self._allowed = {layer: self.mask(experts) for layer, experts in wanted.items()} if mode == "pruned" else {}
+        self._allowed = (
+            {layer: self.mask(experts) for layer, experts in wanted.items()} if mode == "pruned" else {}
+        )
         self._row_masks = None
         return report
 
     def prefetch(self, selection: Mapping[int, Sequence[int]]) -> ActivationReport:
         """Load ``selection`` (truncated to the slots, in priority order) without touching routing."""
-        wanted = {layer: self._checked(layer, selection.get(layer, ()), "exact") for layer in self.layout.moe_layers}
+        wanted = {
+            layer: self._checked(layer, selection.get(layer, ()), "exact") for layer in self.layout.moe_layers
+        }
         return self._load(wanted, "prefetch")
 
     def set_row_masks(self, masks: Mapping[int, torch.Tensor] | None) -> None:

@@ -182,14 +182,16 @@ def runtime_dtype(store: ExpertStore, name: str | None) -> torch.dtype:
 
 
 def _load_dense(model: nn.Module, store: ExpertStore, device: torch.device, dtype: torch.dtype) -> None:
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    # What the family keeps in float32 whatever the model dtype (DeepSeek-V3: its router), matched
+    # on the checkpoint's names, as transformers matches them.
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) + tuple(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    )
     renamed = _gate_renames(model)
     for name, tensor in store.dense_tensors():
-        name = renamed.get(name, name)
-        if tensor.is_floating_point() and not any(part in name for part in keep_fp32):
-            is_router_fp32 = name.endswith("e_score_correction_bias")
-            tensor = tensor.to(torch.float32 if is_router_fp32 else dtype)
-        _assign(model, name, tensor.to(device))
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if any(part in name for part in keep_fp32) else dtype)
+        _assign(model, renamed.get(name, name), tensor.to(device))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]

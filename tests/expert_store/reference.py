@@ -31,7 +31,7 @@ def pruned_reference(model: torch.nn.Module, selection: dict[int, list[int]]):
     undo = []
     for layer_index, allowed in selection.items():
         gate = model.model.layers[layer_index].mlp.gate
-        mask = torch.zeros(gate.weight.shape[0], dtype=torch.bool)
+        mask = torch.zeros(gate.weight.shape[0], dtype=torch.bool, device=gate.weight.device)
         mask[list(allowed)] = True
         if hasattr(gate, "e_score_correction_bias"):  # sigmoid routers: mask the selection score
             saved = gate.e_score_correction_bias.clone()
