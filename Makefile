@@ -35,7 +35,12 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(BIN)/taer quickstart --data $(DATA) --keep $(KEEP) --host $(HOST) --port $(PORT)
 
-bench: $(STAMP)
+# The peer server the benchmark compares against (transformers serve) is installed for it alone.
+$(VENV)/.peer-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[serving-peer]'
+	touch $@
+
+bench: $(VENV)/.peer-installed
 	$(BIN)/taer bench all --out bench-results
 
 clean:

@@ -8,6 +8,7 @@ no intermediate tensor) while ``safe_open`` stays the reader for everything else
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
@@ -99,7 +100,6 @@ class MappedFile:
         return flat.view(info.shape)
 
     def close(self) -> None:
-        try:
+        # Tensors may still view the map; it is then unmapped when the last of them is freed.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            pass  # tensors still view the map; it is unmapped when the last of them is freed
