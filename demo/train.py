@@ -17,7 +17,7 @@ from demo.suite import SuiteSizes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ class TrainConfig:
 
     steps: int = DEFAULT_STEPS
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     final_lr_fraction: float = 0.05
     warmup_steps: int = 60
     weight_decay: float = 0.01
