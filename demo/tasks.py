@@ -1,8 +1,12 @@
 """The demo's tasks: seeded problem generators, natural-language phrasings and exact-match scorers.
 
 Each task draws problems whose answer is a pure function of the problem, so a prediction can be checked
-exactly. Tasks use distinct operand alphabets where they can (letters, the letters a-e only, digits
-with an operator) so that a small MoE has a reason to route them to different experts.
+exactly. The tasks are chosen for what a 10M-parameter MoE learns in minutes on a CPU: copying with a
+per-character map (upper-case, shift), copying backwards (reverse), order-free functions of a bag of
+digits (sort, maximum) and single-carry addition. Counting letters, two-digit addition and
+multiplication were tried and stayed near chance in that budget. Letter tasks differ in the map the
+feed-forward layers apply and digit tasks in their operand alphabet, so the router has reasons to send
+tasks to different experts.
 
 Every task has training phrasings (used for training, calibration and evaluation prompts) and
 held-out phrasings, which appear only in the held-out split: that split measures whether retrieval
@@ -62,34 +66,34 @@ def _word(rng: random.Random, low: int, high: int, alphabet: str = string.ascii_
 
 
 def _reverse(rng: random.Random) -> Instance:
-    word = _word(rng, 3, 7)
+    word = _word(rng, 3, 6)
     return Instance((("word", word),), word[::-1])
 
 
 def _upper(rng: random.Random) -> Instance:
-    word = _word(rng, 3, 8)
+    word = _word(rng, 3, 7)
     return Instance((("word", word),), word.upper())
 
 
+def _shift(rng: random.Random) -> Instance:
+    word = _word(rng, 3, 6)
+    shifted = "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in word)
+    return Instance((("word", word),), shifted)
+
+
 def _sort_digits(rng: random.Random) -> Instance:
-    digits = _word(rng, 4, 8, string.digits)
+    digits = _word(rng, 4, 7, string.digits)
     return Instance((("digits", digits),), "".join(sorted(digits)))
 
 
-def _count_letter(rng: random.Random) -> Instance:
-    text = _word(rng, 4, 10, "abcde")
-    letter = rng.choice("abcde")
-    return Instance((("letter", letter), ("text", text)), str(text.count(letter)))
+def _max_digit(rng: random.Random) -> Instance:
+    digits = _word(rng, 4, 7, string.digits)
+    return Instance((("digits", digits),), max(digits))
 
 
 def _add(rng: random.Random) -> Instance:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     return Instance((("a", str(a)), ("b", str(b))), str(a + b))
-
-
-def _multiply(rng: random.Random) -> Instance:
-    a, d = rng.randint(0, 99), rng.randint(2, 9)
-    return Instance((("a", str(a)), ("d", str(d))), str(a * d))
 
 
 TASKS: tuple[TaskSpec, ...] = (
@@ -98,15 +102,15 @@ TASKS: tuple[TaskSpec, ...] = (
         description="reverse a lower-case word",
         sample=_reverse,
         phrasings=(
-            "Reverse the word '{word}'.",
-            "Write {word} backwards.",
-            "What is '{word}' spelled in reverse?",
+            "Reverse {word}.",
             "reverse: {word}",
-            "Please reverse the letters of {word}.",
+            "Write {word} backwards.",
+            "Spell {word} in reverse.",
+            "What is {word} reversed?",
         ),
         heldout_phrasings=(
-            "Spell {word} starting from its last letter.",
-            "If you read '{word}' right to left, what do you get?",
+            "Flip the letters of '{word}' around.",
+            "Read {word} from right to left.",
         ),
     ),
     TaskSpec(
@@ -114,15 +118,31 @@ TASKS: tuple[TaskSpec, ...] = (
         description="upper-case a word",
         sample=_upper,
         phrasings=(
-            "Convert '{word}' to upper case.",
-            "Write {word} in capital letters.",
-            "uppercase: {word}",
-            "What is {word} in all caps?",
-            "Capitalize every letter of '{word}'.",
+            "Uppercase {word}.",
+            "upper: {word}",
+            "Write {word} in capitals.",
+            "Capitalize {word}.",
+            "What is {word} in caps?",
         ),
         heldout_phrasings=(
-            "Print {word} using only uppercase characters.",
-            "How would '{word}' look if typed with caps lock on?",
+            "Shout the word '{word}'.",
+            "Put {word} in block letters.",
+        ),
+    ),
+    TaskSpec(
+        name="shift",
+        description="replace each letter of a word by the next one in the alphabet (z becomes a)",
+        sample=_shift,
+        phrasings=(
+            "Shift each letter of {word} by one.",
+            "shift: {word}",
+            "Caesar-shift {word} by 1.",
+            "Move every letter of {word} one step forward.",
+            "Next letters of {word}?",
+        ),
+        heldout_phrasings=(
+            "Replace each letter in '{word}' with the one after it.",
+            "Encode {word} with a rotation of one.",
         ),
     ),
     TaskSpec(
@@ -130,59 +150,47 @@ TASKS: tuple[TaskSpec, ...] = (
         description="sort the digits of a number in ascending order",
         sample=_sort_digits,
         phrasings=(
-            "Sort the digits {digits} in ascending order.",
-            "Arrange the digits of {digits} from smallest to largest.",
+            "Sort {digits}.",
             "sort: {digits}",
-            "Put the digits in {digits} in increasing order.",
+            "Sort the digits of {digits}.",
+            "Order the digits {digits} from low to high.",
+            "Arrange {digits} in ascending order.",
         ),
         heldout_phrasings=(
-            "Order these digits low to high: {digits}",
-            "What do the digits of {digits} look like once sorted?",
+            "Put the digits of {digits} smallest first.",
+            "What is {digits} with its digits sorted?",
         ),
     ),
     TaskSpec(
-        name="count_letter",
-        description="count how often a letter occurs in a string",
-        sample=_count_letter,
+        name="max_digit",
+        description="the largest digit of a number",
+        sample=_max_digit,
         phrasings=(
-            "How many times does the letter '{letter}' appear in '{text}'?",
-            "Count the {letter}'s in {text}.",
-            "count {letter} in {text}",
-            "In the string {text}, how many {letter} are there?",
+            "Largest digit in {digits}?",
+            "max: {digits}",
+            "What is the biggest digit of {digits}?",
+            "Find the maximum digit in {digits}.",
+            "Which digit of {digits} is highest?",
         ),
         heldout_phrasings=(
-            "Tell me the number of occurrences of {letter} within {text}.",
-            "{text}: how often do you see {letter} there?",
+            "Tell me the top digit among {digits}.",
+            "{digits}: which digit is greatest?",
         ),
     ),
     TaskSpec(
         name="add",
-        description="add two numbers below 100",
+        description="add a digit to a number below 100",
         sample=_add,
         phrasings=(
             "What is {a} + {b}?",
+            "{a} + {b} =",
             "Add {a} and {b}.",
-            "{a} plus {b} equals?",
-            "Compute the sum of {a} and {b}.",
+            "Sum of {a} and {b}?",
+            "{a} plus {b}?",
         ),
         heldout_phrasings=(
             "If I have {a} apples and get {b} more, how many do I have?",
-            "Tell me the total of {a} together with {b}.",
-        ),
-    ),
-    TaskSpec(
-        name="multiply",
-        description="multiply a number below 100 by a digit",
-        sample=_multiply,
-        phrasings=(
-            "What is {a} * {d}?",
-            "Multiply {a} by {d}.",
-            "{a} times {d} equals?",
-            "Compute the product of {a} and {d}.",
-        ),
-        heldout_phrasings=(
-            "How much are {d} lots of {a}?",
-            "Give me {a} multiplied by {d}.",
+            "Total of {a} together with {b}, please.",
         ),
     ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from string import ascii_lowercase
 
 import pytest
 
@@ -52,11 +53,12 @@ def test_answers_are_right():
     checks = {
         "reverse": lambda v: v["word"][::-1],
         "upper": lambda v: v["word"].upper(),
+        "shift": lambda v: v["word"].translate(str.maketrans(ascii_lowercase, ascii_lowercase[1:] + "a")),
         "sort_digits": lambda v: "".join(sorted(v["digits"])),
-        "count_letter": lambda v: str(v["text"].count(v["letter"])),
+        "max_digit": lambda v: str(max(int(d) for d in v["digits"])),
         "add": lambda v: str(int(v["a"]) + int(v["b"])),
-        "multiply": lambda v: str(int(v["a"]) * int(v["d"])),
     }
+    assert set(checks) == set(TASKS_BY_NAME)
     for name, expected in checks.items():
         for _ in range(50):
             instance = TASKS_BY_NAME[name].sample(rng)

@@ -1,0 +1,362 @@
+"""`taer bench retrieval`: does retrieval find the right task, how fast, and what do its errors cost?
+
+Three parts, on the demo model by default, all in one run:
+
+1. Top-1 task accuracy on the held-out phrasings (wordings never in the index nor in calibration),
+   for the semantic matcher (sentence embedding + FAISS vote; a fallback to ``general`` counts as a
+   miss) and the paper's router matcher (first-MoE-layer router signature, L2), side by side, with
+   the single-query latency of each on the real index.
+2. Embed + search latency by index size, flat against HNSW (:mod:`benchmarks.retrieval_latency`).
+3. End to end: accuracy at keep 50% and 25% when each prompt is served with the pattern its matcher
+   retrieved, against the oracle (each task's own pattern), on the held-out prompts and on the
+   evaluation prompts (worded as in calibration: a small model answers these far better, so they
+   show what a retrieval error costs).
+
+Targets (issue 5): >= 95% top-1 on held-out phrasings; single-query p99 <= 20 ms at 10k vectors;
+retrieved within 1 point of oracle accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import machine_info, markdown_table, write_json
+from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
+from benchmarks.retrieval_latency import render_latency_markdown, run_latency
+from demo.pruned_eval import SelectionEvaluator, SelectionPolicy
+from demo.suite import Suite, load_suite
+from expert_store.runtime import RuntimeConfig, load_runtime
+from retrieval.build import INDEX_SUBDIR
+from retrieval.calibrate import load_patterns_for_store
+from retrieval.encoder import Encoder
+from retrieval.index import TaskIndex
+from retrieval.router_matcher import RouterMatcher, ensure_router_signatures
+from retrieval.selection import Budget
+from retrieval.tasks_file import load_tasks_file
+
+logger = logging.getLogger(__name__)
+
+MATCHERS = ("semantic", "router")
+TARGET_TOP1 = 0.95
+TARGET_POINTS = 1.0  # retrieved within this many accuracy points of the oracle
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalBenchConfig:
+    """What to measure. ``split``: the prompts of the top-1 part (all of them). The end-to-end part runs
+    on each of ``end_to_end_splits`` (the held-out phrasings, and the evaluation prompts, worded as the
+    calibration prompts are, where a small model answers far better), ``limit`` prompts per task."""
+
+    keeps: tuple[float, ...] = (0.5, 0.25)
+    split: str = "heldout"
+    end_to_end_splits: tuple[str, ...] = ("heldout", "eval")
+    limit: int | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    latency_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
+    latency_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    latency_queries: int = 200
+    latency_kinds: tuple[str, ...] = ("flat", "hnsw")
+    matcher_latency_queries: int = 50
+
+
+def run_retrieval(
+    store_dir: Path,
+    patterns_dir: Path,
+    tasks_file: Path,
+    config: RetrievalBenchConfig = RetrievalBenchConfig(),
+    encoder_dir: Path | None = None,
+) -> dict:
+    """Measure all three parts; returns the JSON-able report (see the module docstring)."""
+    suite = load_suite(tasks_file)
+    patterns = load_patterns_for_store(patterns_dir, store_dir)
+    encoder = Encoder.load(encoder_dir)
+    index = TaskIndex.load(Path(patterns_dir) / INDEX_SUBDIR, encoder)
+    runtime = load_runtime(store_dir, RuntimeConfig(device=config.device))
+    try:
+        signatures = ensure_router_signatures(runtime, patterns_dir, load_tasks_file(tasks_file))
+        router = RouterMatcher(runtime, signatures)
+        top1, matcher_latency, lookup = _matching(index, router, suite, config)
+        end_to_end = {
+            split: _end_to_end(runtime, patterns, suite, config, split, lookup)
+            for split in config.end_to_end_splits
+        }
+        model = {"store": str(store_dir), "family": runtime.store.manifest.family, "index_size": index.size}
+    finally:
+        runtime.close()
+    latency = run_latency(
+        encoder,
+        config.latency_sizes,
+        config.latency_batch_sizes,
+        config.latency_queries,
+        config.latency_kinds,
+    )
+    report = {
+        "benchmark": "retrieval",
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
+        "model": model,
+        "split": config.split,
+        "top1": top1,
+        "matcher_latency": matcher_latency,
+        "latency": latency,
+        "end_to_end": end_to_end,
+    }
+    report["targets"] = retrieval_targets(report)
+    return report
+
+
+def _matching(
+    index: TaskIndex, router: RouterMatcher, suite: Suite, config: RetrievalBenchConfig
+) -> tuple[dict, dict, dict[str, dict[str, str]]]:
+    """Top-1 accuracy and single-query latency of both matchers, and each one's pick per query."""
+    matchers: dict[str, Callable[[Sequence[str]], list[str]]] = {
+        "semantic": lambda texts: [r.task for r in index.query(list(texts))],
+        "router": lambda texts: [m.task for m in router.match(texts)],
+    }
+    queries, truth = _labelled_queries(suite, config.split)
+    semantic = index.query(queries)
+    picked = {"semantic": [r.task for r in semantic], "router": matchers["router"](queries)}
+    top1 = {name: _top1(truth, picked[name]) for name in MATCHERS}
+    lookup = {name: dict(zip(queries, picked[name], strict=True)) for name in MATCHERS}
+    others = [q for split in config.end_to_end_splits for q in _labelled_queries(suite, split)[0]]
+    others = list(dict.fromkeys(q for q in others if q not in lookup["semantic"]))
+    for name, match in matchers.items():
+        lookup[name].update(zip(others, match(others) if others else [], strict=True))
+    top1["semantic"]["fallbacks"] = sum(r.is_fallback for r in semantic)
+    # The vote's winner before the fallback rule: what a lower confidence threshold would give.
+    top1["semantic"]["candidate_accuracy"] = _top1(truth, [r.candidate for r in semantic])["accuracy"]
+    top1["semantic"]["in_index"] = len(set(queries) & set(index.texts))
+    latency = {
+        name: _single_query_latency(match, queries[: config.matcher_latency_queries])
+        for name, match in matchers.items()
+    }
+    return top1, latency, lookup
+
+
+def _labelled_queries(suite: Suite, split: str) -> tuple[list[str], list[str]]:
+    queries, truth = [], []
+    for name, task in suite.tasks.items():
+        for example in task.split(split):
+            queries.append(example.query)
+            truth.append(name)
+    return queries, truth
+
+
+def _top1(truth: list[str], picked: list[str]) -> dict:
+    tasks = sorted(set(truth))
+    per_task = {
+        task: statistics.fmean(p == t for t, p in zip(truth, picked, strict=True) if t == task)
+        for task in tasks
+    }
+    confusion: dict[str, dict[str, int]] = {task: {} for task in tasks}
+    for t, p in zip(truth, picked, strict=True):
+        confusion[t][p] = confusion[t].get(p, 0) + 1
+    accuracy = statistics.fmean(t == p for t, p in zip(truth, picked, strict=True)) if truth else 0.0
+    return {"accuracy": accuracy, "n": len(truth), "tasks": per_task, "confusion": confusion}
+
+
+def _single_query_latency(match: Callable[[Sequence[str]], list[str]], queries: list[str]) -> dict:
+    match(queries[:1])  # warm-up
+    elapsed = []
+    for query in queries:
+        started = time.perf_counter()
+        match([query])
+        elapsed.append(time.perf_counter() - started)
+    ms = np.asarray(elapsed) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms)}
+
+
+def _end_to_end(
+    runtime, patterns, suite: Suite, config: RetrievalBenchConfig, split: str, lookup: dict
+) -> dict:
+    """Oracle against retrieved patterns on ``split``, at each keep, with the picks in ``lookup``."""
+    evaluator = SelectionEvaluator(
+        runtime, patterns, suite, split=split, limit=config.limit, batch_size=config.batch_size
+    )
+    full = evaluator.full()
+    rows = []
+    keeps = [
+        k
+        for k in config.keeps
+        if Budget(keep=k).per_layer(runtime.layout.num_experts) >= runtime.layout.top_k
+    ]
+    for keep in tqdm(keeps, desc=f"end to end ({split})", unit="keep"):
+        policy = SelectionPolicy(Budget(keep=keep))
+        row = {"keep": keep, "oracle": evaluator.under(policy).to_json()}
+        for name in MATCHERS:
+            table = lookup[name]
+            retrieved = evaluator.retrieved(policy, lambda texts, table=table: [table[t] for t in texts])
+            row[name] = retrieved.to_json()
+            row[f"{name}_minus_oracle_points"] = 100 * (retrieved.result.mean - row["oracle"]["mean"])
+        rows.append(row)
+    return {"n": evaluator.counts, "full": full.to_json(), "rows": rows}
+
+
+def retrieval_targets(report: dict) -> list[dict]:
+    """Each target with what was measured and whether it is met (None when not measured)."""
+    top1 = report["top1"]["semantic"]["accuracy"]
+    targets = [
+        {
+            "name": f"semantic top-1 on held-out phrasings >= {TARGET_TOP1:.0%}",
+            "measured": top1,
+            "threshold": TARGET_TOP1,
+            "met": top1 >= TARGET_TOP1,
+        }
+    ]
+    latency = report["latency"]["target"]
+    targets.append(
+        {
+            "name": f"single-query p99 <= {latency['single_p99_ms']:.0f} ms at {latency['size']:,} vectors",
+            "measured": latency.get("measured_p99_ms"),
+            "threshold": latency["single_p99_ms"],
+            "met": latency.get("met"),
+        }
+    )
+    for split, part in report["end_to_end"].items():
+        for row in part["rows"]:
+            gap = row["semantic_minus_oracle_points"]
+            targets.append(
+                {
+                    "name": f"semantic-retrieved within {TARGET_POINTS:g} point of oracle at keep "
+                    f"{row['keep']:.0%} ({split} prompts)",
+                    "measured": gap,
+                    "threshold": -TARGET_POINTS,
+                    "met": gap >= -TARGET_POINTS,
+                }
+            )
+    return targets
+
+
+def render_retrieval_markdown(report: dict) -> str:
+    """Top-1 accuracy, matcher latency, end-to-end accuracy, the latency tables, then the targets."""
+    top1 = report["top1"]
+    tasks = list(top1["semantic"]["tasks"])
+    lines = [
+        f"Model `{report['model']['store']}` ({report['model']['family']}), task index of "
+        f"{report['model']['index_size']} texts; prompts: split `{report['split']}` (held-out phrasings, "
+        f"{top1['semantic']['in_index']} of {top1['semantic']['n']} found verbatim in the index).",
+        "",
+        "Top-1 task accuracy (%):",
+        "",
+    ]
+    rows = [[task, *(f"{100 * top1[m]['tasks'][task]:.1f}" for m in MATCHERS)] for task in tasks]
+    rows.append(["all", *(f"{100 * top1[m]['accuracy']:.1f} (n={top1[m]['n']})" for m in MATCHERS)])
+    lines += [markdown_table(["task", *MATCHERS], rows), ""]
+    lines.append(
+        f"Semantic fallbacks to `general` (counted as misses): {top1['semantic']['fallbacks']}; the vote's "
+        f"winner before the fallback rule is right for {100 * top1['semantic']['candidate_accuracy']:.1f}%."
+    )
+    latency = report["matcher_latency"]
+    lines += [
+        "",
+        "Single-query matcher latency on this index (ms; router = partial forward to the first router):",
+        "",
+        markdown_table(
+            ["matcher", "p50", "p99", "calls"],
+            [
+                [m, f"{latency[m]['p50_ms']:.2f}", f"{latency[m]['p99_ms']:.2f}", latency[m]["calls"]]
+                for m in MATCHERS
+            ],
+        ),
+        "",
+    ]
+    for split, part in report["end_to_end"].items():
+        lines += _end_to_end_lines(split, part)
+    lines += ["Embed + search latency:", ""]
+    lines += [render_latency_markdown(report["latency"]), "Targets:", ""]
+    lines += [_target_line(t) for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _end_to_end_lines(split: str, part: dict) -> list[str]:
+    n = part["n"]
+    lines = [
+        f"End to end on the `{split}` prompts (n = {min(n.values())}-{max(n.values())} per task; full model "
+        f"{100 * part['full']['mean']:.1f}%): mean accuracy (%) with each prompt served by the pattern retrieved "
+        "for it, against each task's own pattern (oracle); in brackets, points from the oracle:",
+        "",
+    ]
+    rows = [
+        [
+            f"{row['keep']:.0%}",
+            f"{100 * row['oracle']['mean']:.1f}",
+            *(f"{100 * row[m]['mean']:.1f} ({row[f'{m}_minus_oracle_points']:+.1f})" for m in MATCHERS),
+            *(f"{100 * row[m]['retrieval_accuracy']:.1f}" for m in MATCHERS),
+        ]
+        for row in part["rows"]
+    ]
+    headers = ["keep", "oracle", *MATCHERS, *(f"{m} top-1" for m in MATCHERS)]
+    return [*lines, markdown_table(headers, rows), ""]
+
+
+def _target_line(target: dict) -> str:
+    if target["met"] is None:
+        return f"- {target['name']}: not measured"
+    measured = target["measured"]
+    if "top-1" in target["name"]:
+        shown = f"{100 * measured:.1f}%"
+    elif "ms" in target["name"]:
+        shown = f"{measured:.2f} ms"
+    else:
+        shown = f"{measured:+.1f} points"
+    return f"- {target['name']}: {shown}, {'met' if target['met'] else 'NOT met'}"
+
+
+def write_retrieval_report(report: dict, out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:
+    """Write the JSON (``json_path``, default OUT/retrieval.json) and the markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": Path(json_path) if json_path else out_dir / "retrieval.json",
+        "markdown": out_dir / "retrieval.md",
+    }
+    write_json(paths["json"], report)
+    paths["markdown"].write_text(render_retrieval_markdown(report))
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "retrieval")
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25], help="end-to-end budgets")
+    parser.add_argument("--limit", type=int, default=0, help="end-to-end prompts per task (0: all)")
+    parser.add_argument(
+        "--end-to-end-splits", nargs="+", default=["heldout", "eval"], choices=["heldout", "eval"]
+    )
+    parser.add_argument("--encoder", type=Path, help="sentence-transformers model directory")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000], help="index sizes for latency"
+    )
+    parser.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--latency-queries", type=int, default=200)
+    parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw"])
+
+
+def main(args: argparse.Namespace) -> int:
+    set_threads(args)
+    store, patterns, tasks = resolve_inputs(args)
+    config = RetrievalBenchConfig(
+        keeps=tuple(args.keeps),
+        end_to_end_splits=tuple(args.end_to_end_splits),
+        limit=args.limit or None,
+        batch_size=args.batch_size,
+        device=args.device,
+        latency_sizes=tuple(args.sizes),
+        latency_batch_sizes=tuple(args.latency_batch_sizes),
+        latency_queries=args.latency_queries,
+        latency_kinds=tuple(args.kinds),
+    )
+    report = run_retrieval(store, patterns, tasks, config, encoder_dir=args.encoder)
+    paths = write_retrieval_report(report, args.out, args.json)
+    print(render_retrieval_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
