@@ -229,6 +229,8 @@ class ExpertCache:
             for expert in missing:
                 tensors = self.store.expert(ExpertKey(layer, expert))
                 self.loader.load(bank, slots.assign(expert), tensors)
+                del tensors  # the copy is done (CUDA: staged in pinned memory), so the mapped pages can go
+                self.store.release(ExpertKey(layer, expert))
                 self.stats.loads += 1
                 self.stats.bytes_loaded += bank.nbytes_per_slot
         self.stats.load_seconds += time.perf_counter() - start

@@ -85,6 +85,14 @@ class MappedFile:
             raise StoreError(f"{self.path} is truncated: needs {end} bytes, has {len(self._map)}")
         return memoryview(self._map)[start:end]
 
+    def release(self, start: int, end: int) -> None:
+        """Tell the kernel this process no longer needs the pages of [start, end) (they stay in the
+        page cache): once an expert is copied into its slot, its mapped bytes leave the process's RSS."""
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, (end // page) * page
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def view(self, name: str) -> torch.Tensor:
         """A read-only tensor over the mapped bytes (do not write to it)."""
         info = self.infos[name]

@@ -88,6 +88,13 @@ class ExpertStore:
             down=_view(down_raw, self.dtype, self._down_shape),
         )
 
+    def release(self, key: ExpertKey) -> None:
+        """Drop an expert's mapped pages from this process once they have been copied (see MappedFile.release)."""
+        entry = self.manifest.entry(key)
+        mapped = self._mapped(entry.file)
+        mapped.release(*entry.gate_up)
+        mapped.release(*entry.down)
+
     def _mapped(self, relative: str) -> MappedFile:
         if relative not in self._maps:
             self._maps[relative] = MappedFile(self.store_dir / relative)
