@@ -54,6 +54,7 @@ def plot_tcess_heatmap(report: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tables = report["tcess"]
     top = max(max(max(row) for row in table) for table in tables.values()) or 1.0
@@ -65,6 +66,7 @@ def plot_tcess_heatmap(report: dict, path: Path) -> Path:
     for ax, (name, table) in zip(axes.flat, tables.items(), strict=False):
         image = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
         ax.set_yticks(range(len(table)))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("expert", fontsize=8)
         ax.set_ylabel("MoE layer", fontsize=8)

@@ -1,0 +1,83 @@
+"""The retrieval benchmark's markdown: top-1 accuracy, matcher latency, end to end, latency, targets."""
+
+from __future__ import annotations
+
+from benchmarks.common import markdown_table
+from benchmarks.retrieval_latency import render_latency_markdown
+
+MATCHERS = ("semantic", "router")
+
+
+def render_retrieval_markdown(report: dict) -> str:
+    """Top-1 accuracy, matcher latency, end-to-end accuracy, the latency tables, then the targets."""
+    top1 = report["top1"]
+    tasks = list(top1["semantic"]["tasks"])
+    lines = [
+        f"Model `{report['model']['store']}` ({report['model']['family']}), task index of "
+        f"{report['model']['index_size']} texts; prompts: split `{report['split']}` (held-out phrasings, "
+        f"{top1['semantic']['in_index']} of {top1['semantic']['n']} found verbatim in the index).",
+        "",
+        "Top-1 task accuracy (%):",
+        "",
+    ]
+    rows = [[task, *(f"{100 * top1[m]['tasks'][task]:.1f}" for m in MATCHERS)] for task in tasks]
+    rows.append(["all", *(f"{100 * top1[m]['accuracy']:.1f} (n={top1[m]['n']})" for m in MATCHERS)])
+    lines += [markdown_table(["task", *MATCHERS], rows), ""]
+    lines.append(
+        f"Semantic fallbacks to `general` (counted as misses): {top1['semantic']['fallbacks']}; the vote's "
+        f"winner before the fallback rule is right for {100 * top1['semantic']['candidate_accuracy']:.1f}%."
+    )
+    latency = report["matcher_latency"]
+    lines += [
+        "",
+        "Single-query matcher latency on this index (ms; router = partial forward to the first router):",
+        "",
+        markdown_table(
+            ["matcher", "p50", "p99", "calls"],
+            [
+                [m, f"{latency[m]['p50_ms']:.2f}", f"{latency[m]['p99_ms']:.2f}", latency[m]["calls"]]
+                for m in MATCHERS
+            ],
+        ),
+        "",
+    ]
+    for split, part in report["end_to_end"].items():
+        lines += _end_to_end_lines(split, part)
+    lines += ["Embed + search latency:", ""]
+    lines += [render_latency_markdown(report["latency"]), "Targets:", ""]
+    lines += [_target_line(t) for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _end_to_end_lines(split: str, part: dict) -> list[str]:
+    n = part["n"]
+    lines = [
+        f"End to end on the `{split}` prompts (n = {min(n.values())}-{max(n.values())} per task; full model "
+        f"{100 * part['full']['mean']:.1f}%): mean accuracy (%) with each prompt served by the pattern retrieved "
+        "for it, against each task's own pattern (oracle); in brackets, points from the oracle:",
+        "",
+    ]
+    rows = [
+        [
+            f"{row['keep']:.0%}",
+            f"{100 * row['oracle']['mean']:.1f}",
+            *(f"{100 * row[m]['mean']:.1f} ({row[f'{m}_minus_oracle_points']:+.1f})" for m in MATCHERS),
+            *(f"{100 * row[m]['retrieval_accuracy']:.1f}" for m in MATCHERS),
+        ]
+        for row in part["rows"]
+    ]
+    headers = ["keep", "oracle", *MATCHERS, *(f"{m} top-1" for m in MATCHERS)]
+    return [*lines, markdown_table(headers, rows), ""]
+
+
+def _target_line(target: dict) -> str:
+    if target["met"] is None:
+        return f"- {target['name']}: not measured"
+    measured = target["measured"]
+    if "top-1" in target["name"]:
+        shown = f"{100 * measured:.1f}%"
+    elif "ms" in target["name"]:
+        shown = f"{measured:.2f} ms"
+    else:
+        shown = f"{measured:+.1f} points"
+    return f"- {target['name']}: {shown}, {'met' if target['met'] else 'NOT met'}"
