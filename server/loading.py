@@ -90,7 +90,9 @@ def check_serve_config(config: ServeConfig) -> None:
 
         from expert_store.runtime import runtime_dtype
 
-        plan_budget(config, store, torch.empty((), dtype=runtime_dtype(store, config.torch_dtype_name)).element_size())
+        plan_budget(
+            config, store, torch.empty((), dtype=runtime_dtype(store, config.torch_dtype_name)).element_size()
+        )
     finally:
         store.close()
 
@@ -106,7 +108,8 @@ def load_engine_parts(config: ServeConfig) -> EngineParts:
     budget, slots = plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
     store.close()
     runtime = load_runtime(
-        config.store_dir, RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots)
+        config.store_dir,
+        RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots),
     )
     index = _load_index(config)
     router = PatternRouter(

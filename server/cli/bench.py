@@ -9,7 +9,10 @@ import importlib
 BENCHMARKS = {
     "store": ("benchmarks.store", "expert load throughput, pattern switches, memory vs transformers"),
     "fidelity": ("benchmarks.fidelity", "pruned vs full accuracy per task and scorer on the demo model"),
-    "retrieval": ("benchmarks.retrieval", "task retrieval accuracy and latency, retrieved vs oracle patterns"),
+    "retrieval": (
+        "benchmarks.retrieval",
+        "task retrieval accuracy and latency, retrieved vs oracle patterns",
+    ),
     "serving": ("benchmarks.serving", "policies at equal expert memory, and taer serve vs a peer server"),
     "all": ("benchmarks.report", "every benchmark in one run, with a report.md"),
 }
