@@ -31,7 +31,8 @@ from expert_store.errors import StoreExistsError
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+# Bump whenever the tasks, tokenizer or training code change what a build produces.
+BUILD_VERSION = 2
 DEFAULT_OUT = Path(".taer/demo")
 STAMP_NAME = "build.json"
 
@@ -129,6 +130,8 @@ def build_demo(
         return BuildResult(out, cached=True, stamp=stamp)
     if out.exists() and stamp is None and not force:
         raise StoreExistsError(f"{out} exists but holds no complete demo build; pass --force to replace it")
+    if stamp is not None and not force:
+        logger.info("the build in %s has other settings (seed, steps or version); rebuilding", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -17,7 +17,8 @@ from demo.suite import SuiteSizes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 1000
+# About 7 minutes on two idle CPU cores; seed 0 reaches 97% mean exact match (1200 steps: 92%).
+DEFAULT_STEPS = 1400
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +27,13 @@ class TrainConfig:
 
     steps: int = DEFAULT_STEPS
     batch_size: int = 64
+    # 2e-3 and 3e-3 both learned more slowly (mean exact match 23% vs 30% after 400 steps at 2e-3).
     learning_rate: float = 1e-3
     final_lr_fraction: float = 0.05
     warmup_steps: int = 60
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    # Loss on every token measured no better (17.7% vs 17.2% mean after 600 steps at one learning rate).
     loss_on: LossOn = "answer"
     num_threads: int = 2
 

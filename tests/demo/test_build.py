@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo.build import STAMP_NAME, build_demo, read_stamp
+from demo.build import BUILD_VERSION, STAMP_NAME, build_demo, read_stamp
 from demo.suite import load_suite
 from expert_store.errors import StoreExistsError
 
@@ -37,7 +37,7 @@ def test_suite_and_stamp_are_written(tiny_build, tiny_sizes):
     assert all(len(task.eval) == tiny_sizes.eval for task in suite.tasks.values())
     stamp = read_stamp(tiny_build.path)
     assert stamp == tiny_build.stamp
-    assert (stamp["seed"], stamp["steps"], stamp["version"]) == (0, 12, 1)
+    assert (stamp["seed"], stamp["steps"], stamp["version"]) == (0, 12, BUILD_VERSION)
     assert set(stamp["eval"]["tasks"]) == set(suite.names)
     assert not list(tiny_build.path.parent.glob(".out.*")), "no temporary directory left behind"
 
