@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 demo: $(STAMP)
-	$(BIN)/taer demo build --out $(DATA)/demo-model
+	$(BIN)/taer demo build --out $(DATA)/demo
 
 run: $(STAMP)
 	$(BIN)/taer quickstart --data $(DATA) --keep $(KEEP) --host $(HOST) --port $(PORT)
