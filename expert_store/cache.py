@@ -208,7 +208,8 @@ class ExpertCache:
         for e in hits:
             slots.touch(e)
         yield [(e, slots.slot_of[e]) for e in hits]
-        missing = [e for e in needed if e not in set(hits)]
+        resident = set(hits)
+        missing = [e for e in needed if e not in resident]
         for start in range(0, len(missing), self.num_slots):
             wave = missing[start : start + self.num_slots]
             self._ensure(layer, wave)

@@ -93,20 +93,6 @@ class MappedFile:
         if last > first and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def view(self, name: str) -> torch.Tensor:
-        """A read-only tensor over the mapped bytes (do not write to it)."""
-        info = self.infos[name]
-        data = self.raw(info.start, info.end)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        # frombuffer warns on read-only buffers; the views are only ever copied from.
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(data, dtype=info.dtype)
-        return flat.view(info.shape)
-
     def close(self) -> None:
         # Tensors may still view the map; it is then unmapped when the last of them is freed.
         with contextlib.suppress(BufferError):

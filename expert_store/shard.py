@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
 import shutil
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from expert_store.atomic import atomic_directory
 from expert_store.checkpoint import INDEX_FILE, CheckpointFiles, check_checkpoint_dir
 from expert_store.errors import CheckpointError, StoreExistsError
 from expert_store.families import Family, get_family
@@ -72,14 +71,9 @@ def shard_checkpoint(
             "ignoring %d tensors the model does not use, e.g. %s", len(plan.skipped), plan.skipped[0]
         )
 
-    tmp = store_dir.with_name(f".{store_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
     try:
-        manifest = _write_store(tmp, files, plan, layout, family, model_dir, dense_shard_bytes)
-        _install(tmp, store_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(store_dir) as tmp:
+            manifest = _write_store(tmp, files, plan, layout, family, model_dir, dense_shard_bytes)
     finally:
         files.close()
     return manifest
@@ -250,17 +244,6 @@ def _copy_side_files(model_dir: Path, out: Path) -> list[str]:
         shutil.copy2(path, out / path.name)
         copied.append(path.name)
     return copied
-
-
-def _install(tmp: Path, store_dir: Path) -> None:
-    if store_dir.exists():
-        old = store_dir.with_name(f".{store_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(store_dir, old)
-        os.replace(tmp, store_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        store_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, store_dir)
 
 
 def _bytes_of(tensor: torch.Tensor):

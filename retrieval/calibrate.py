@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from expert_store.atomic import atomic_directory
 from expert_store.errors import PatternError, TasksFileError
 from expert_store.families import get_family
 from expert_store.runtime import MoERuntime, RuntimeConfig, load_runtime
 from expert_store.skeleton import moe_blocks
 from expert_store.store import ExpertStore
 from retrieval.patterns import PatternSet, build_pattern_set
-from retrieval.tasks_file import CalibrationPrompt, TaskSpec, load_tasks_file
+from retrieval.tasks_file import CalibrationPrompt, load_tasks_file
 from retrieval.tcess import SuperExpertTracker, TaskStatsAccumulator, pool
 
 logger = logging.getLogger(__name__)
@@ -100,7 +98,8 @@ def calibrate(
             "max_length": options.max_length,
         },
     )
-    _save_atomically(pattern_set, out_dir, tasks)
+    with atomic_directory(out_dir) as tmp:
+        pattern_set.save(tmp)
     return pattern_set
 
 
@@ -244,24 +243,6 @@ def _read_keep_experts(path: Path | None, moe_layers: Sequence[int], num_experts
     if not isinstance(data, dict):
         raise TasksFileError(f'{path}: expected a JSON object {{"LAYER": [EXPERT, ...]}}')
     return keep
-
-
-def _save_atomically(pattern_set: PatternSet, out_dir: Path, tasks: list[TaskSpec]) -> None:
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        pattern_set.save(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_patterns_for_store(patterns_dir: Path, store_dir: Path) -> PatternSet:

@@ -88,7 +88,7 @@ class EngineCore:
             self._admit()
             self._start_batch()
         elif self.runner is not None:
-            self._decode()
+            self._forward_and_sample()
         self.metrics.set_queue_length(len(self.scheduler.waiting))
         self.metrics.set_running(len(self.batch))
 
@@ -164,9 +164,6 @@ class EngineCore:
         self.runner = BatchRunner(
             runtime, [s.request.prompt_token_ids for s in batch], _row_masks(batch, runtime)
         )
-        self._forward_and_sample()
-
-    def _decode(self) -> None:
         self._forward_and_sample()
 
     def _forward_and_sample(self) -> None:

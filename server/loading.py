@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from expert_store.errors import BudgetError
-from expert_store.runtime import RuntimeConfig, load_runtime, slots_for_budget
+from expert_store.runtime import RuntimeConfig, load_runtime, runtime_dtype, slots_for_budget
 from expert_store.store import ExpertStore
 from retrieval.build import INDEX_SUBDIR
 from retrieval.calibrate import load_patterns_for_store
@@ -81,32 +83,25 @@ def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_param: int) -
     return budget, min(slots, layout.num_experts)
 
 
-def check_serve_config(config: ServeConfig) -> None:
-    """The cheap checks, before the server starts: store, patterns of this model, budget."""
+def _plan(config: ServeConfig) -> tuple[Budget, int]:
+    """``plan_budget`` for the store, in the dtype the runtime will load it in."""
     store = ExpertStore(config.store_dir)
     try:
-        load_patterns_for_store(config.patterns_dir, config.store_dir)
-        import torch
-
-        from expert_store.runtime import runtime_dtype
-
-        plan_budget(
-            config, store, torch.empty((), dtype=runtime_dtype(store, config.torch_dtype_name)).element_size()
-        )
+        dtype = runtime_dtype(store, config.torch_dtype_name)
+        return plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
     finally:
         store.close()
 
 
+def check_serve_config(config: ServeConfig) -> None:
+    """The cheap checks, before the server starts: store, patterns of this model, budget."""
+    load_patterns_for_store(config.patterns_dir, config.store_dir)
+    _plan(config)
+
+
 def load_engine_parts(config: ServeConfig) -> EngineParts:
-    store = ExpertStore(config.store_dir)
     patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
-    import torch
-
-    from expert_store.runtime import runtime_dtype
-
-    dtype = runtime_dtype(store, config.torch_dtype_name)
-    budget, slots = plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
-    store.close()
+    budget, slots = _plan(config)
     runtime = load_runtime(
         config.store_dir,
         RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots),
