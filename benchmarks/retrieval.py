@@ -3,9 +3,10 @@
 Three parts, on the demo model by default, all in one run:
 
 1. Top-1 task accuracy on the held-out phrasings (wordings never in the index nor in calibration),
-   for the semantic matcher (sentence embedding + FAISS vote; a fallback to ``general`` counts as a
-   miss) and the paper's router matcher (first-MoE-layer router signature, L2), side by side, with
-   the single-query latency of each on the real index.
+   for the semantic matcher (sentence embedding + FAISS vote in the task space; a fallback to
+   ``general`` counts as a miss), the same vote on the encoder's own vectors (``semantic_plain``: what
+   the task space adds) and the paper's router matcher (first-MoE-layer router signature, L2), side
+   by side, with the single-query latency of each on the real index.
 2. Embed + search latency by index size, flat against HNSW (:mod:`benchmarks.retrieval_latency`).
 3. End to end: accuracy at keep 50% and 25% when each prompt is served with the pattern its matcher
    retrieved, against the oracle (each task's own pattern), on the held-out prompts and on the
@@ -19,6 +20,7 @@ retrieved within 1 point of oracle accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import time
@@ -86,7 +88,7 @@ def run_retrieval(
     try:
         signatures = ensure_router_signatures(runtime, patterns_dir, load_tasks_file(tasks_file))
         router = RouterMatcher(runtime, signatures)
-        top1, matcher_latency, lookup = _matching(index, router, suite, config)
+        top1, matcher_latency, lookup = _matching(index, _without_task_space(index), router, suite, config)
         end_to_end = {
             split: _end_to_end(runtime, patterns, suite, config, split, lookup)
             for split in config.end_to_end_splits
@@ -100,6 +102,7 @@ def run_retrieval(
         config.latency_batch_sizes,
         config.latency_queries,
         config.latency_kinds,
+        encoder_dir=encoder_dir,
     )
     report = {
         "benchmark": "retrieval",
@@ -115,17 +118,33 @@ def run_retrieval(
     return report
 
 
+def _without_task_space(index: TaskIndex) -> TaskIndex:
+    """The same stored vectors, voted on as the encoder gives them."""
+    vectors = index.index.reconstruct_n(0, index.size)  # [N, D]
+    return TaskIndex.from_vectors(
+        index.encoder,
+        vectors,
+        [index.tasks[label] for label in index.labels],
+        index.texts,
+        kind=index.kind,
+        rule=index.rule,
+        settings=dataclasses.replace(index.settings, projection_shrinkage=None),
+    )
+
+
 def _matching(
-    index: TaskIndex, router: RouterMatcher, suite: Suite, config: RetrievalBenchConfig
+    index: TaskIndex, plain: TaskIndex, router: RouterMatcher, suite: Suite, config: RetrievalBenchConfig
 ) -> tuple[dict, dict, dict[str, dict[str, str]]]:
-    """Top-1 accuracy and single-query latency of both matchers, and each one's pick per query."""
+    """Top-1 accuracy and single-query latency of each matcher, and each one's pick per query."""
     matchers: dict[str, Callable[[Sequence[str]], list[str]]] = {
         "semantic": lambda texts: [r.task for r in index.query(list(texts))],
+        "semantic_plain": lambda texts: [r.task for r in plain.query(list(texts))],
         "router": lambda texts: [m.task for m in router.match(texts)],
     }
     queries, truth = _labelled_queries(suite, config.split)
     semantic = index.query(queries)
-    picked = {"semantic": [r.task for r in semantic], "router": matchers["router"](queries)}
+    picked = {"semantic": [r.task for r in semantic]}
+    picked |= {name: match(queries) for name, match in matchers.items() if name != "semantic"}
     top1 = {name: _top1(truth, picked[name]) for name in MATCHERS}
     lookup = {name: dict(zip(queries, picked[name], strict=True)) for name in MATCHERS}
     others = [q for split in config.end_to_end_splits for q in _labelled_queries(suite, split)[0]]

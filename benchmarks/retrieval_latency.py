@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.encoder import Encoder, TextEncoder
+from retrieval.encoder import (
+    ENCODER_DTYPES,
+    Encoder,
+    EncoderFingerprint,
+    TextEncoder,
+    cpu_has_native_bf16,
+    resolve_encoder_dtype,
+)
 from retrieval.index import DEFAULT_SETTINGS, IndexSettings, TaskIndex
 
 logger = logging.getLogger(__name__)
@@ -104,11 +112,16 @@ def run_latency(
     settings: IndexSettings = DEFAULT_SETTINGS,
     seed: int = 0,
     min_calls: int = 20,
+    encoder_dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    encoder_dir: Path | None = None,
 ) -> dict:
     """Measure per-call latency (ms) of embedding alone, search alone, and the whole query.
 
     Every configuration times ``max(queries // batch, min_calls)`` calls. Returns a JSON-able dict; see
     :func:`render_latency_markdown`. With both kinds, ``recall`` is HNSW's share of flat's k nearest.
+    Unless ``encoder_dtypes`` is empty, ``report["encoder_dtypes"]`` is :func:`compare_encoder_dtypes`
+    for the model at ``encoder_dir`` (the packaged default when None), loaded anew once per dtype
+    whatever ``encoder`` is (it may be a fake).
     """
     encoder = encoder or Encoder.load()
     texts, _ = synthetic_phrasings(queries, seed + 1)
@@ -128,7 +141,62 @@ def run_latency(
     for size in sizes:
         report["rows"] += _measure_size(encoder, size, kinds, batches, query_vectors, k, settings, seed)
     report["target"].update(_target_verdict(report["rows"]))
+    if encoder_dtypes:
+        report["encoder_dtypes"] = compare_encoder_dtypes(
+            encoder_dir, encoder_dtypes, batch_sizes, queries, seed, min_calls
+        )
+        compared = EncoderFingerprint.parse(report["encoder_dtypes"]["encoder"])
+        if isinstance(encoder, Encoder) and not compared.matches(encoder.fingerprint):
+            logger.warning(
+                "the dtype comparison ran on %s, not the encoder measured; pass encoder_dir", compared
+            )
     return report
+
+
+def compare_encoder_dtypes(
+    encoder_dir: Path | None,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    batch_sizes: tuple[int, ...] = (1, 8),
+    queries: int = 200,
+    seed: int = 0,
+    min_calls: int = 20,
+) -> dict:
+    """Embedding latency and fidelity of the same model with its weights in each of ``dtypes``.
+
+    Loads one :class:`Encoder` per dtype and times them call by call in turn on the same batches, so
+    that machine noise hits every dtype alike. Each row gives p50/p99 ms, the p50 as a ratio to
+    float32's (float32 is the reference, added when missing) and the min and mean cosine of the
+    dtype's vectors to float32's over the ``queries`` texts.
+    """
+    names = list(dict.fromkeys(("float32", *dtypes)))
+    encoders = {name: Encoder.load(encoder_dir, dtype=name) for name in names}
+    texts, _ = synthetic_phrasings(queries, seed + 1)
+    reference = encoders["float32"].encode(texts)  # [N, D]
+    cosines = {name: (encoder.encode(texts) * reference).sum(axis=1) for name, encoder in encoders.items()}
+    calls = {name: encoder.encode for name, encoder in encoders.items()}
+    rows = []
+    for b in batch_sizes:
+        timed = _time_interleaved(calls, _batches(texts, b, max(queries // b, min_calls)))
+        for name in names:
+            rows.append(
+                {
+                    "dtype": name,
+                    "torch_dtype": str(encoders[name].dtype).removeprefix("torch."),
+                    "batch": b,
+                    **timed[name],
+                    "p50_vs_float32": timed[name]["p50_ms"] / timed["float32"]["p50_ms"],
+                    "min_cosine": float(cosines[name].min()),
+                    "mean_cosine": float(cosines[name].mean()),
+                }
+            )
+    return {
+        "encoder": str(encoders["float32"].fingerprint),
+        "auto_dtype": str(resolve_encoder_dtype("auto", "cpu")).removeprefix("torch."),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "queries": queries,
+        "rows": rows,
+    }
 
 
 def _measure_size(
@@ -195,6 +263,8 @@ def render_latency_markdown(report: dict) -> str:
             f"| {total['p50_ms'] / row['batch']:.2f} | {search['p50_ms'] / total['p50_ms']:.1%} | {recall} |"
         )
     lines += _ratio_lines(report["rows"])
+    if "encoder_dtypes" in report:
+        lines += _dtype_lines(report["encoder_dtypes"])
     target = report["target"]
     if target.get("measured_p99_ms") is not None:
         verdict = "met" if target["met"] else "NOT met"
@@ -221,13 +291,24 @@ def _batches(texts: list[str], size: int, count: int) -> list[list[str]]:
 
 
 def _time_calls(call, inputs: list) -> dict:
-    call(inputs[0])  # warm-up: first calls allocate and fill caches
-    elapsed = []
-    for item in inputs:
-        started = time.perf_counter()
-        call(item)
-        elapsed.append(time.perf_counter() - started)
-    ms = np.asarray(elapsed) * 1e3
+    return _time_interleaved({"call": call}, inputs)["call"]
+
+
+def _time_interleaved(calls: dict[str, Callable], inputs: list) -> dict[str, dict]:
+    """Per-call latency of each of ``calls`` on every input, taking turns input by input."""
+    for call in calls.values():
+        call(inputs[0])  # warm-up: first calls allocate and fill caches
+    elapsed: dict[str, list[float]] = {name: [] for name in calls}
+    for i, item in enumerate(inputs):
+        # Alternate who goes first, so that neither always runs on caches the other just warmed.
+        for name in list(calls)[:: 1 if i % 2 == 0 else -1]:
+            started = time.perf_counter()
+            calls[name](item)
+            elapsed[name].append(time.perf_counter() - started)
+    return {name: _percentiles(np.asarray(seconds) * 1e3) for name, seconds in elapsed.items()}
+
+
+def _percentiles(ms: np.ndarray) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "calls": len(ms)}
 
 
@@ -257,6 +338,25 @@ def _ratio_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _dtype_lines(comparison: dict) -> list[str]:
+    lines = [
+        "",
+        f"Encoder weight dtypes (`{comparison['encoder']}`, torch threads {comparison['torch_threads']}, "
+        f"calls interleaved): `auto` is {comparison['auto_dtype']} here "
+        f"(native bfloat16: {'yes' if comparison['cpu_native_bf16'] else 'no'}); "
+        f"cosine to float32 over {comparison['queries']} texts.",
+        "",
+        "| dtype | batch | p50 | p99 | p50 vs float32 | min cosine |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in comparison["rows"]:
+        lines.append(
+            f"| {row['dtype']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
+            f"| {row['p50_vs_float32']:.2f}x | {row['min_cosine']:.5f} |"
+        )
+    return lines
+
+
 def _target_verdict(rows: list[dict]) -> dict:
     """The single-query p99 at the target size, for the kind ``auto`` would pick there (flat)."""
     candidates = [r for r in rows if r["size"] == TARGET_SIZE and r["batch"] == 1]
@@ -276,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw"])
     parser.add_argument(
+        "--encoder-dtypes",
+        nargs="*",
+        default=["float32", "bfloat16"],
+        choices=list(ENCODER_DTYPES),
+        help="weight dtypes to compare for embedding latency (none to skip)",
+    )
+    parser.add_argument(
         "--torch-threads", type=int, default=None, help="torch intra-op threads (process-wide)"
     )
     args = parser.parse_args(argv)
@@ -288,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         tuple(args.batch_sizes),
         args.queries,
         tuple(args.kinds),
+        encoder_dtypes=tuple(args.encoder_dtypes),
+        encoder_dir=args.encoder,
     )
     write_latency_report(report, args.out)
     print(render_latency_markdown(report))

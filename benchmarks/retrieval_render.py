@@ -5,7 +5,8 @@ from __future__ import annotations
 from benchmarks.common import markdown_table
 from benchmarks.retrieval_latency import render_latency_markdown
 
-MATCHERS = ("semantic", "router")
+# semantic_plain: the semantic vote on the encoder's vectors, without the task space.
+MATCHERS = ("semantic", "semantic_plain", "router")
 
 
 def render_retrieval_markdown(report: dict) -> str:
@@ -30,7 +31,8 @@ def render_retrieval_markdown(report: dict) -> str:
     latency = report["matcher_latency"]
     lines += [
         "",
-        "Single-query matcher latency on this index (ms; router = partial forward to the first router):",
+        "Single-query matcher latency on this index (ms; semantic_plain = the same vote without the task "
+        "space; router = partial forward to the first router):",
         "",
         markdown_table(
             ["matcher", "p50", "p99", "calls"],

@@ -171,6 +171,7 @@ build_serve_cmd() {
     serve_cmd+=(--device "$device")
     if [[ -n ${TAER_DTYPE:-} ]]; then serve_cmd+=(--dtype "$TAER_DTYPE"); fi
     if [[ -n ${TAER_MAX_QUEUE:-} ]]; then serve_cmd+=(--max-queue "$TAER_MAX_QUEUE"); fi
+    if [[ -n ${TAER_ENCODER_DTYPE:-} ]]; then serve_cmd+=(--encoder-dtype "$TAER_ENCODER_DTYPE"); fi
     # The API key stays in the environment (taer serve reads TAER_API_KEY): on the command line
     # `ps` would show it to every process in the container.
     serve_cmd+=("$@")

@@ -1,9 +1,16 @@
 """The task index: labelled example texts in FAISS, queried by cosine similarity and a weighted vote.
 
 Vectors are L2-normalised, so FAISS inner product is cosine similarity. A flat (exact) index serves
-up to ``IndexSettings.hnsw_threshold`` vectors; above it, or when asked, an HNSW graph does. On disk
-an index is a directory with the FAISS file and a JSON file of labels, texts and the fingerprint of
-the encoder that built it (see :mod:`retrieval.index_io`); loading refuses another encoder.
+up to ``IndexSettings.hnsw_threshold`` vectors; above it, or when asked, an HNSW graph does.
+
+The vote runs in the task space (:mod:`retrieval.projection`) when the index has one, as it does by
+default: the stored texts are whitened by their within-task scatter, so that the neighbours follow
+the instruction rather than the content of a request. Whether a query is like anything stored (the
+``min_similarity`` rule) is still judged by the encoder's own cosine to the winner's neighbours.
+
+On disk an index is a directory with the FAISS file(s), the projection and a JSON file of labels,
+texts and the fingerprint of the encoder that built it (see :mod:`retrieval.index_io`); loading
+refuses another encoder.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from tqdm import tqdm
 
 from expert_store.errors import RetrievalIndexError
 from retrieval.encoder import EncoderFingerprint, TextEncoder
-from retrieval.index_io import FORMAT_VERSION, read_faiss_index, read_metadata, write_index_files
+from retrieval.index_io import (
+    FORMAT_VERSION,
+    TASK_SPACE_FILE,
+    read_faiss_index,
+    read_metadata,
+    write_index_files,
+)
+from retrieval.projection import TaskProjection
 from retrieval.vote import Neighbour, RetrievalResult, VoteRule, empty_result, vote
 
 logger = logging.getLogger(__name__)
@@ -36,7 +50,9 @@ class IndexSettings:
     """How the FAISS index is built and searched.
 
     ``num_threads`` is FAISS's OpenMP thread count (process-wide); it stays low because the index
-    runs beside the model, and one query over 10^5 vectors needs no more.
+    runs beside the model, and one query over 10^5 vectors needs no more. ``projection_shrinkage``:
+    the task space's shrinkage (see :class:`TaskProjection`), or None to vote on the encoder's
+    vectors directly.
     """
 
     hnsw_threshold: int = 20_000
@@ -44,6 +60,7 @@ class IndexSettings:
     ef_construction: int = 80
     ef_search: int = 128
     num_threads: int = 1
+    projection_shrinkage: float | None = 0.5
 
     def resolve_kind(self, kind: str, num_vectors: int) -> str:
         if kind == "auto":
@@ -76,13 +93,16 @@ class TaskIndex:
         created: str,
         rule: VoteRule = DEFAULT_RULE,
         settings: IndexSettings = DEFAULT_SETTINGS,
+        task_space: TaskSpace | None = None,
     ) -> None:
         if index.ntotal == 0:
             raise RetrievalIndexError("a task index needs at least one vector; give each task example texts")
         assert index.ntotal == len(labels) == len(texts), "one label and one text per vector"
         assert index.d == encoder.dim, "index and encoder dimensions agree"
+        assert task_space is None or task_space.index.ntotal == index.ntotal, "one task-space vector per text"
         self.encoder = encoder
-        self.index = index
+        self.index = index  # the encoder's vectors
+        self.task_space = task_space
         self.tasks = tasks
         self.labels = labels  # [N] int32, position in ``tasks``
         self.texts = texts
@@ -124,8 +144,9 @@ class TaskIndex:
         tasks = sorted(set(task_of_vector))
         task_id = {task: i for i, task in enumerate(tasks)}
         labels = np.fromiter((task_id[task] for task in task_of_vector), dtype=np.int32, count=len(vectors))
+        task_space = TaskSpace.fit(vectors, labels, resolved, settings)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return cls(encoder, index, tasks, labels, list(texts), resolved, created, rule, settings)
+        return cls(encoder, index, tasks, labels, list(texts), resolved, created, rule, settings, task_space)
 
     @property
     def size(self) -> int:
@@ -158,18 +179,27 @@ class TaskIndex:
         return results
 
     def search(self, vectors: np.ndarray, k: int = 8) -> list[tuple[Neighbour, ...]]:
-        """The ``k`` nearest stored texts for each unit query vector [Q, D], nearest first."""
+        """The ``k`` nearest stored texts for each unit query vector [Q, D] of the encoder, nearest
+        first: in the task space when the index has one, each with its encoder cosine as well."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [Q, D]
-        similarities, ids = self.index.search(vectors, min(k, self.size))  # [Q, k] each
+        k = min(k, self.size)
+        if self.task_space is None:
+            similarities, ids = self.index.search(vectors, k)  # [Q, k] each
+            cosines = similarities
+        else:
+            similarities, ids = self.task_space.index.search(self.task_space.projection.apply(vectors), k)
+            # The encoder's cosine to each neighbour, from the stored vectors: [Q, k]
+            stored = self.index.reconstruct_batch(np.maximum(ids, 0).ravel()).reshape(*ids.shape, -1)
+            cosines = np.einsum("qkd,qd->qk", stored, vectors)
         return [
             tuple(
-                Neighbour(self.tasks[self.labels[i]], float(s), int(i))
-                for s, i in zip(row_s, row_i, strict=True)
+                Neighbour(self.tasks[self.labels[i]], float(s), int(i), float(c))
+                for s, i, c in zip(row_s, row_i, row_c, strict=True)
                 if i >= 0  # HNSW pads with -1 when it finds fewer than k
             )
-            for row_s, row_i in zip(similarities, ids, strict=True)
+            for row_s, row_i, row_c in zip(similarities, ids, cosines, strict=True)
         ]
 
     def save(self, directory: str | Path) -> Path:
@@ -184,11 +214,15 @@ class TaskIndex:
             "created": self.created,
             "rule": dataclasses.asdict(self.rule),
             "settings": dataclasses.asdict(self.settings),
+            "projection": None
+            if self.task_space is None
+            else {"shrinkage": self.task_space.projection.shrinkage},
             "tasks": self.tasks,
             "labels": self.labels.tolist(),
             "texts": self.texts,
         }
-        write_index_files(directory, self.index, metadata)
+        task_space = None if self.task_space is None else (self.task_space.projection, self.task_space.index)
+        write_index_files(directory, self.index, metadata, task_space)
         logger.info(
             "saved %s task index (%d vectors, %d tasks) to %s",
             self.kind,
@@ -228,8 +262,11 @@ class TaskIndex:
         index = read_faiss_index(directory)
         labels = np.asarray(metadata["labels"], dtype=np.int32)  # [N]
         _check_consistent(directory, index, metadata, labels, encoder.dim)
+        task_space = TaskSpace.load(directory, metadata, index)
         if metadata["kind"] == "hnsw":
-            faiss.downcast_index(index).hnsw.efSearch = settings.ef_search
+            for graph in (index, None if task_space is None else task_space.index):
+                if graph is not None:
+                    faiss.downcast_index(graph).hnsw.efSearch = settings.ef_search
         return cls(
             encoder,
             index,
@@ -240,6 +277,7 @@ class TaskIndex:
             metadata["created"],
             rule,
             settings,
+            task_space,
         )
 
     def _rule(self, min_confidence: float | None, min_similarity: float | None) -> VoteRule:
@@ -295,6 +333,47 @@ def _check_consistent(
             f"{len(labels)} labels over {len(metadata['tasks'])} tasks, {len(metadata['texts'])} texts, "
             f"kind {metadata['kind']!r}; rebuild it with `taer index`"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpace:
+    """The projection and the FAISS index of the stored texts' projected vectors (same ids)."""
+
+    projection: TaskProjection
+    index: faiss.Index
+
+    @classmethod
+    def fit(
+        cls, vectors: np.ndarray, labels: np.ndarray, kind: str, settings: IndexSettings
+    ) -> TaskSpace | None:
+        """Fit on the stored unit vectors [N, D]; None when disabled or there is nothing to learn."""
+        if settings.projection_shrinkage is None:
+            return None
+        projection = TaskProjection.fit(vectors, labels, settings.projection_shrinkage)
+        if projection is None:
+            return None
+        index = _new_faiss_index(kind, vectors.shape[1], settings)
+        _add_in_chunks(index, projection.apply(vectors))
+        return cls(projection, index)
+
+    @classmethod
+    def load(cls, directory: Path, metadata: dict, stored: faiss.Index) -> TaskSpace | None:
+        described = metadata.get("projection")
+        if not described:
+            return None
+        try:
+            shrinkage = float(described["shrinkage"])
+        except (KeyError, TypeError, ValueError):
+            raise RetrievalIndexError(
+                f"{directory}: malformed projection metadata {described!r}; rebuild it with `taer index`"
+            ) from None
+        index = read_faiss_index(directory, TASK_SPACE_FILE)
+        if index.ntotal != stored.ntotal or index.d != stored.d:
+            raise RetrievalIndexError(
+                f"index {directory} is inconsistent: {index.ntotal} task-space vectors of dim {index.d} "
+                f"for {stored.ntotal} of dim {stored.d}; rebuild it with `taer index`"
+            )
+        return cls(TaskProjection.load(directory, stored.d, shrinkage), index)
 
 
 def _new_faiss_index(kind: str, dim: int, settings: IndexSettings) -> faiss.Index:

@@ -12,11 +12,22 @@ FALLBACK_TASK = "general"
 
 @dataclass(frozen=True, slots=True)
 class Neighbour:
-    """One stored text near the query: its task, cosine similarity and position in the index."""
+    """One stored text near the query: its task, similarity and position in the index.
+
+    ``similarity`` is where the vote was taken (the task space, or the encoder's vectors when the
+    index has no task space) and weighs the vote; ``cosine`` is the encoder's own cosine between
+    query and text, which says whether the query is like the text at all (None: equal to
+    ``similarity``).
+    """
 
     task: str
     similarity: float
     text_id: int
+    cosine: float | None = None
+
+    @property
+    def encoder_cosine(self) -> float:
+        return self.similarity if self.cosine is None else self.cosine
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +59,8 @@ class RetrievalResult:
 
     ``task`` is the task to serve: the vote's winner, or the fallback when the vote is not trusted.
     ``candidate`` is the vote's winner either way (None for an empty query). ``confidence`` is the
-    winner's share of the similarity-weighted vote, in [0, 1]; ``similarity`` is the best cosine
-    similarity among the winner's neighbours. ``close_call`` says the runner-up is within the rule's
+    winner's share of the similarity-weighted vote, in [0, 1]; ``similarity`` is the best encoder
+    cosine among the winner's neighbours. ``close_call`` says the runner-up is within the rule's
     margin of the winner.
     """
 
@@ -96,7 +107,8 @@ def vote(neighbours: tuple[Neighbour, ...], rule: VoteRule) -> RetrievalResult:
     best_similarity: dict[str, float] = {}
     for neighbour in neighbours:
         weights[neighbour.task] = weights.get(neighbour.task, 0.0) + max(neighbour.similarity, 0.0)
-        best_similarity[neighbour.task] = max(best_similarity.get(neighbour.task, -1.0), neighbour.similarity)
+        best = max(best_similarity.get(neighbour.task, -1.0), neighbour.encoder_cosine)
+        best_similarity[neighbour.task] = best
     ranked = sorted(weights, key=lambda task: -weights[task])  # stable: ties keep nearest first
     total = sum(weights.values())
     shares = {task: (weights[task] / total if total > 0 else 0.0) for task in ranked}

@@ -36,6 +36,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str | None = None
     encoder: Path | None = None
+    encoder_dtype: str = "auto"
     adaptive: bool = False
     merge_close_calls: bool = False
 
@@ -143,4 +144,4 @@ def _load_index(config: ServeConfig):
     from retrieval.encoder import Encoder
     from retrieval.index import TaskIndex
 
-    return TaskIndex.load(directory, Encoder.load(config.encoder))
+    return TaskIndex.load(directory, Encoder.load(config.encoder, dtype=config.encoder_dtype))

@@ -619,12 +619,13 @@ def test_serve_flags_follow_the_environment_and_extra_arguments(box):
     box.finish_store()
     box.finish_patterns()
     env = {"TAER_MODE": "exact", "TAER_PORT": "9000", "TAER_DTYPE": "float16", "TAER_MAX_QUEUE": "4"}
-    result = box.run("--verbose-flag", TAER_API_KEY="s3cret", **env)
+    result = box.run("--verbose-flag", TAER_API_KEY="s3cret", TAER_ENCODER_DTYPE="float32", **env)
     assert result.returncode == 0, result.stderr
     (command,) = plan(result)
     assert command[command.index("--mode") + 1] == "exact"
     assert command[command.index("--port") + 1] == "9000"
-    assert command[-5:] == ["--dtype", "float16", "--max-queue", "4", "--verbose-flag"]
+    expected = ["--dtype", "float16", "--max-queue", "4", "--encoder-dtype", "float32", "--verbose-flag"]
+    assert command[-7:] == expected
     assert "s3cret" not in result.stdout + result.stderr
 
 

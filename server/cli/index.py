@@ -31,6 +31,16 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--close-margin", type=float, default=None, help="confidence gap that is a close call"
     )
+    space = parser.add_mutually_exclusive_group()
+    space.add_argument(
+        "--shrinkage",
+        type=float,
+        default=None,
+        help="task space: how far the within-task scatter is shrunk toward the identity, in [0, 1] (0.5)",
+    )
+    space.add_argument(
+        "--no-task-space", action="store_true", help="vote on the encoder's vectors, without the task space"
+    )
     parser.add_argument(
         "--query", action="append", default=[], help="try a query on the new index (repeatable)"
     )
@@ -57,13 +67,24 @@ def run(args: argparse.Namespace) -> int:
     settings = DEFAULT_SETTINGS
     if args.hnsw_threshold is not None:
         settings = dataclasses.replace(settings, hnsw_threshold=args.hnsw_threshold)
+    if args.no_task_space:
+        settings = dataclasses.replace(settings, projection_shrinkage=None)
+    elif args.shrinkage is not None:
+        if not 0.0 <= args.shrinkage <= 1.0:
+            raise RetrievalIndexError(f"--shrinkage must lie in [0, 1], got {args.shrinkage}")
+        settings = dataclasses.replace(settings, projection_shrinkage=args.shrinkage)
 
     texts = texts_by_task(load_tasks_file(args.tasks_file))
     encoder = Encoder.load(args.encoder)
     index = build_task_index(encoder, texts, kind=args.kind, rule=rule, settings=settings)
     index_dir = index.save(args.patterns_dir / INDEX_SUBDIR)
+    space = (
+        "no task space"
+        if index.task_space is None
+        else f"task space (shrinkage {settings.projection_shrinkage})"
+    )
     print(
-        f"{index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, "
+        f"{index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, {space}, "
         f"encoder {index.fingerprint}"
     )
     for text, result in zip(args.query, index.query(args.query), strict=True):

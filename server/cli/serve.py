@@ -71,6 +71,12 @@ def register(subparsers) -> None:
         default=_env("ENCODER", None, Path),
         help="sentence-transformers model directory the index was built with",
     )
+    parser.add_argument(
+        "--encoder-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=_env("ENCODER_DTYPE", "auto"),
+        help="the encoder's weights: auto is bfloat16 on CPUs with native bfloat16, else float32",
+    )
     parser.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"))
     parser.set_defaults(func=run)
 
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         encoder=args.encoder,
+        encoder_dtype=args.encoder_dtype,
     )
     check_serve_config(config)
     engine = TaerEngine(

@@ -87,7 +87,7 @@ def test_bench_retrieval_writes_the_report(pipeline, tmp_path, capsys):
     assert main([*args, *latency]) == 0
     report = json.loads((out / "retrieval.json").read_text())
     assert (out / "retrieval.md").read_text() in capsys.readouterr().out
-    for matcher in ("semantic", "router"):
+    for matcher in ("semantic", "semantic_plain", "router"):
         top1 = report["top1"][matcher]
         assert top1["n"] == 16 and set(top1["tasks"]) == {"arithmetic", "reverse"}
         assert top1["accuracy"] == 1.0  # held-out wordings that resemble the calibration prompts
@@ -97,7 +97,7 @@ def test_bench_retrieval_writes_the_report(pipeline, tmp_path, capsys):
     for part in report["end_to_end"].values():
         (row,) = part["rows"]
         assert row["keep"] == 0.5 and part["n"] == {"arithmetic": 2, "reverse": 2}
-        for matcher in ("semantic", "router"):
+        for matcher in ("semantic", "semantic_plain", "router"):
             # Retrieval was perfect, so the retrieved patterns are the oracle's: the same accuracy.
             assert row[matcher]["mean"] == row["oracle"]["mean"]
             assert row[f"{matcher}_minus_oracle_points"] == 0 and row[matcher]["retrieval_accuracy"] == 1.0

@@ -10,13 +10,14 @@ import torch
 
 from benchmarks.retrieval_latency import (
     TARGET_SIZE,
+    compare_encoder_dtypes,
     render_latency_markdown,
     run_latency,
     synthetic_phrasings,
     synthetic_store,
     write_latency_report,
 )
-from retrieval.encoder import Encoder
+from retrieval.encoder import Encoder, cpu_has_native_bf16
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,19 @@ def test_run_latency_tiny(tmp_path, encoder):
     assert all(0.9 <= recall <= 1.0 for recall in hnsw_recall)  # 300 vectors: HNSW is all but exact
     assert [e["batch"] for e in report["embed"]] == [1, 4]
     assert report["target"]["measured_p99_ms"] is None  # no row at the target size
+    # The dtype comparison runs by default, on the same batch sizes as the rest.
+    dtype_rows = report["encoder_dtypes"]["rows"]
+    assert [(r["dtype"], r["batch"]) for r in dtype_rows] == [
+        ("float32", 1),
+        ("bfloat16", 1),
+        ("float32", 4),
+        ("bfloat16", 4),
+    ]
 
     markdown = render_latency_markdown(report)
     assert "| flat | 300 | 4 |" in markdown
     assert "flat/hnsw search p50" in markdown
+    assert "| bfloat16 | 4 |" in markdown and "p50 vs float32" in markdown
     out = write_latency_report(report, tmp_path)
     assert json.loads((out / "retrieval_latency.json").read_text()) == report
     assert (out / "retrieval_latency.md").read_text() == markdown
@@ -62,8 +72,15 @@ def test_run_latency_tiny(tmp_path, encoder):
 
 def test_target_verdict_reads_the_flat_single_query_row(encoder):
     report = run_latency(
-        encoder, sizes=(TARGET_SIZE,), batch_sizes=(1,), queries=5, kinds=("flat",), min_calls=5
+        encoder,
+        sizes=(TARGET_SIZE,),
+        batch_sizes=(1,),
+        queries=5,
+        kinds=("flat",),
+        min_calls=5,
+        encoder_dtypes=(),
     )
+    assert "encoder_dtypes" not in report  # an empty tuple skips the comparison
     target = report["target"]
     assert target["kind"] == "flat"
     assert target["measured_p99_ms"] == report["rows"][0]["total"]["p99_ms"]
@@ -81,3 +98,21 @@ def test_synthetic_store_is_clustered_and_labelled(encoder):
     best = (vectors @ base.T).max(axis=1)
     assert 0.45 < best.mean() < 0.8
     assert set(tasks) <= set(labels)
+
+
+def test_compare_encoder_dtypes_against_float32(encoder):
+    comparison = compare_encoder_dtypes(None, ("bfloat16",), batch_sizes=(1,), queries=8, min_calls=8)
+    assert comparison["encoder"] == str(encoder.fingerprint)
+    assert comparison["cpu_native_bf16"] == cpu_has_native_bf16()
+    assert comparison["auto_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    rows = {row["dtype"]: row for row in comparison["rows"]}
+    assert list(rows) == ["float32", "bfloat16"]  # float32, the reference, is added and comes first
+    assert rows["bfloat16"]["torch_dtype"] == "bfloat16" and rows["float32"]["torch_dtype"] == "float32"
+    for row in rows.values():
+        assert row["batch"] == 1 and row["calls"] == 8
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["p50_vs_float32"] == pytest.approx(row["p50_ms"] / rows["float32"]["p50_ms"])
+    assert rows["float32"]["p50_vs_float32"] == 1.0
+    assert rows["float32"]["min_cosine"] == pytest.approx(1.0, abs=1e-6)
+    # bfloat16 moves the vectors, but only a little.
+    assert 0.999 < rows["bfloat16"]["min_cosine"] <= rows["bfloat16"]["mean_cosine"] < 1.0

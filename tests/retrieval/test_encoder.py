@@ -15,8 +15,10 @@ from retrieval.encoder import (
     DEFAULT_MODEL_NAME,
     Encoder,
     EncoderFingerprint,
+    cpu_has_native_bf16,
     default_model_dir,
     fingerprint_digest,
+    resolve_encoder_dtype,
 )
 
 
@@ -26,7 +28,8 @@ def encoder() -> Iterator[Encoder]:
     # contend with other processes; restore the setting for the tests that follow.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Encoder.load()
+    # float32, so that the exactness checks below do not depend on this CPU's bfloat16 support.
+    yield Encoder.load(dtype="float32")
     torch.set_num_threads(threads)
 
 
@@ -58,6 +61,31 @@ def test_batch_equals_single(encoder):
     batch = encoder.encode(texts)  # [3, D]
     singles = np.concatenate([encoder.encode([text]) for text in texts])  # [3, D]
     np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_direct_forward_equals_sentence_transformers_encode(encoder):
+    texts = ["Sort 4312.", "a much longer request about reversing the letters of a word", "Bonjour", "x"] * 3
+    ours = encoder.encode(texts)  # [12, D], order restored after the length sort
+    reference = encoder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_bfloat16_encoder_stays_close_to_float32(encoder):
+    texts = ["What is 12 plus 7?", "Reverse the word 'cat'.", "Write a haiku about autumn."]
+    half = Encoder.load(dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and encoder.dtype == torch.float32
+    assert half.fingerprint == encoder.fingerprint  # same weights, same index
+    cosines = (half.encode(texts) * encoder.encode(texts)).sum(axis=1)
+    assert cosines.min() > 0.999
+
+
+def test_encoder_dtype_resolution():
+    assert resolve_encoder_dtype("float32", "cpu") == torch.float32
+    assert resolve_encoder_dtype("auto", "cuda:0") == torch.bfloat16
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_encoder_dtype("auto", "cpu") == expected
+    with pytest.raises(EncoderError, match="unknown encoder dtype 'int4'"):
+        Encoder.load(dtype="int4")
 
 
 def test_long_text_is_truncated_not_rejected(encoder):

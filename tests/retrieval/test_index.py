@@ -74,7 +74,8 @@ def encoder() -> Iterator[Encoder]:
     # contend with other processes; restore the setting for the tests that follow.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield Encoder.load()
+    # float32: batch-against-single equalities below must not depend on this CPU's bfloat16.
+    yield Encoder.load(dtype="float32")
     torch.set_num_threads(threads)
 
 
@@ -93,7 +94,7 @@ def test_query_worded_like_a_task_retrieves_it(index):
         assert result.runner_up != expected
         assert result.confidence >= result.runner_up_confidence
         assert len(result.neighbours) == 8
-        assert result.similarity == max(n.similarity for n in result.neighbours if n.task == expected)
+        assert result.similarity == max(n.encoder_cosine for n in result.neighbours if n.task == expected)
 
 
 def test_neighbours_point_at_stored_texts(index):
@@ -129,9 +130,15 @@ def test_empty_texts_in_a_batch_are_skipped(encoder):
     assert counting.calls == [["What is 5 plus 5?"]]
 
 
-def test_high_confidence_threshold_forces_general(index):
-    # Eight neighbours, six texts per task: no task can take the whole vote.
-    (result,) = index.query(["What's 81 plus 13?"], min_confidence=1.0)
+@pytest.fixture(scope="module")
+def encoder_space_index(encoder) -> TaskIndex:
+    """The vote on the encoder's own vectors, without the task space."""
+    return build_task_index(encoder, TASKS, settings=IndexSettings(projection_shrinkage=None))
+
+
+def test_high_confidence_threshold_forces_general(encoder_space_index):
+    # Eight neighbours, six texts per task, all of positive cosine: no task can take the whole vote.
+    (result,) = encoder_space_index.query(["What's 81 plus 13?"], min_confidence=1.0)
     assert result.task == FALLBACK_TASK
     assert result.is_fallback
     assert result.candidate == "arithmetic"
@@ -145,7 +152,8 @@ def test_high_similarity_threshold_forces_general(index):
 
 
 def test_threshold_from_the_index_rule(encoder):
-    strict = build_task_index(encoder, TASKS, rule=VoteRule(min_confidence=1.0))
+    settings = IndexSettings(projection_shrinkage=None)
+    strict = build_task_index(encoder, TASKS, rule=VoteRule(min_confidence=1.0), settings=settings)
     assert strict.query(["What's 81 plus 13?"])[0].task == FALLBACK_TASK
     assert strict.query(["What's 81 plus 13?"], min_confidence=0.5)[0].task == "arithmetic"
 
@@ -364,3 +372,18 @@ def test_taer_index_builds_a_loadable_index(tmp_path, encoder, capsys):
     ]
     assert main(["index", str(tasks_file), str(tmp_path / "patterns"), "--min-confidence", "2"]) == 2
     assert "min_confidence must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_taer_index_task_space_options(tmp_path, encoder, capsys):
+    from server.cli import main
+
+    tasks_file = write_tasks_file(tmp_path)
+    patterns = tmp_path / "patterns"
+    assert main(["index", str(tasks_file), str(patterns), "--shrinkage", "0.2"]) == 0
+    assert "task space (shrinkage 0.2)" in capsys.readouterr().out
+    assert TaskIndex.load(patterns / INDEX_SUBDIR, encoder).task_space.projection.shrinkage == 0.2
+    assert main(["index", str(tasks_file), str(patterns), "--no-task-space"]) == 0
+    assert "no task space" in capsys.readouterr().out
+    assert TaskIndex.load(patterns / INDEX_SUBDIR, encoder).task_space is None
+    assert main(["index", str(tasks_file), str(patterns), "--shrinkage", "1.5"]) == 2
+    assert "--shrinkage must lie in [0, 1], got 1.5" in capsys.readouterr().err
