@@ -46,10 +46,34 @@ from retrieval.index import TaskIndex
 from retrieval.router_matcher import RouterMatcher, ensure_router_signatures
 from retrieval.selection import Budget
 from retrieval.tasks_file import load_tasks_file
+from retrieval.vote import FALLBACK_TASK
 
 logger = logging.getLogger(__name__)
 
 TARGET_TOP1 = 0.95
+# Requests that are none of the demo's tasks: retrieval should hand them the `general` pattern.
+OUT_OF_DOMAIN = (
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain how a transformer network works.",
+    "Who won the world cup in 2018?",
+    "Translate 'good morning' into Spanish.",
+    "Give me a recipe for pancakes.",
+    "What's the weather like on Mars?",
+    "Summarize the plot of Hamlet.",
+    "How do I install numpy?",
+    "Tell me a joke about cats.",
+    "Write a python function that checks for primes.",
+    "What year did the Berlin wall fall?",
+    "Describe the color blue to a blind person.",
+    "List three benefits of exercise.",
+    "hello",
+    "Can you recommend a good book?",
+    "Why is the sky blue?",
+    "Convert 5 miles to kilometers.",
+    "Define photosynthesis.",
+    "Draft a polite email declining a meeting.",
+)
 TARGET_POINTS = 1.0  # retrieved within this many accuracy points of the oracle
 
 
@@ -155,6 +179,9 @@ def _matching(
     # The vote's winner before the fallback rule: what a lower confidence threshold would give.
     top1["semantic"]["candidate_accuracy"] = _top1(truth, [r.candidate for r in semantic])["accuracy"]
     top1["semantic"]["in_index"] = len(set(queries) & set(index.texts))
+    for name in ("semantic", "semantic_plain"):
+        served = matchers[name](OUT_OF_DOMAIN)
+        top1[name]["out_of_domain_general"] = statistics.fmean(task == FALLBACK_TASK for task in served)
     latency = {
         name: _single_query_latency(match, queries[: config.matcher_latency_queries])
         for name, match in matchers.items()

@@ -28,6 +28,16 @@ def render_retrieval_markdown(report: dict) -> str:
         f"Semantic fallbacks to `general` (counted as misses): {top1['semantic']['fallbacks']}; the vote's "
         f"winner before the fallback rule is right for {100 * top1['semantic']['candidate_accuracy']:.1f}%."
     )
+    if "out_of_domain_general" in top1["semantic"]:
+        shares = ", ".join(
+            f"{m} {100 * top1[m]['out_of_domain_general']:.0f}%"
+            for m in MATCHERS
+            if "out_of_domain_general" in top1[m]
+        )
+        lines.append(
+            f"Requests of none of these tasks (20 general questions) served by `general`: {shares} "
+            "(the router matcher always picks a task)."
+        )
     latency = report["matcher_latency"]
     lines += [
         "",
