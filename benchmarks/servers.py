@@ -64,6 +64,7 @@ def taer_spec(
     device: str = "cpu",
     threads: int | None = None,
     max_batch_size: int = 16,
+    name: str = "taer",
 ) -> ServerSpec:
     command = [
         sys.executable,
@@ -84,7 +85,8 @@ def taer_spec(
         "--max-batch-size",
         str(max_batch_size),
     ]
-    return ServerSpec("taer", f"taer serve (pruned, keep {keep:.0%})", command, port, offline_env(threads))
+    label = "taer serve (every expert resident)" if keep >= 1 else f"taer serve (pruned, keep {keep:.0%})"
+    return ServerSpec(name, label, command, port, offline_env(threads))
 
 
 def peer_missing() -> str | None:

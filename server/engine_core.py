@@ -3,7 +3,8 @@
 Everything here runs on one thread; the async facade (``server/engine.py``) hands requests in
 through ``submit``/``abort`` and receives outputs through each sequence's ``emit`` callback. A
 request's whole life is visible in ``step``: admit (retrieve patterns), start a batch (prefetch its
-experts, prefill), or decode one token for every live sequence.
+experts, prefill) or let waiting requests join the running one (prefill them, merge their rows),
+then decode one token for every live sequence.
 """
 
 from __future__ import annotations
@@ -84,11 +85,14 @@ class EngineCore:
             self._finish(sequence, "abort")
 
     def step(self) -> None:
+        self._admit()
         if not self.batch:
-            self._admit()
             self._start_batch()
         elif self.runner is not None:
-            self._forward_and_sample()
+            self._join()
+            self.batch = self._decode(self.batch, self.runner)
+            if not self.batch:
+                self.runner = None
         self.metrics.set_queue_length(len(self.scheduler.waiting))
         self.metrics.set_running(len(self.batch))
 
@@ -149,38 +153,70 @@ class EngineCore:
         batch = self.scheduler.form_batch()
         if not batch:
             return
+        self.batch = batch  # from here a failure fails these sequences (run_forever)
+        self.runner = self._prepare(batch, running=[])
+        self.batch = self._decode(batch, self.runner)  # the prefill and each sequence's first token
+        if not self.batch:
+            self.runner = None
+
+    def _join(self) -> None:
+        """Continuous batching: waiting requests that fit beside the running batch are prefilled on
+        their own, then their rows merge into it; from the next step they decode together."""
+        if not self.scheduler.waiting or not self.runner.can_join:
+            return
+        joining = self.scheduler.form_batch(running=self.batch)
+        if not joining:
+            return
+        try:
+            runner = self._prepare(joining, running=self.batch)
+            joined = self._decode(joining, runner)
+        except Exception as error:  # the joiners fail; the running batch goes on
+            logger.exception("prefill of %d joining request(s) failed", len(joining))
+            for sequence in joining:
+                self._fail(sequence, error)
+            return
+        if joined:
+            self.runner.join(runner)
+            self.batch = [*self.batch, *joined]
+
+    def _prepare(self, batch: list[Sequence], running: list[Sequence]) -> BatchRunner:
+        """Make ``batch``'s experts resident beside ``running``'s and build its runner (no forward yet)."""
         runtime = self.parts.runtime
-        report = runtime.cache.prefetch(_union(batch, runtime.num_slots))
+        # Prefetch the union with the running rows: the joiners' loads may then evict only experts
+        # that no row of the batch is restricted to.
+        report = runtime.cache.prefetch(_union([*running, *batch], runtime.num_slots))
         for sequence in batch:
             sequence.experts_loaded, sequence.experts_reused = report.loaded, report.reused
             sequence.generator = make_generator(sequence.request.sampling)
         self.metrics.record_expert_loads(report.loaded, report.bytes_loaded)
-        tasks = frozenset(s.route.task for s in batch)
+        tasks = frozenset(s.route.task for s in [*running, *batch])
         if tasks != self._last_tasks:
             for task in tasks - self._last_tasks:
                 self.metrics.record_pattern_switch(task or "full")
             self._last_tasks = tasks
-        self.batch = batch
-        self.runner = BatchRunner(
-            runtime, [s.request.prompt_token_ids for s in batch], _row_masks(batch, runtime)
-        )
-        self._forward_and_sample()
+        return BatchRunner(runtime, [s.request.prompt_token_ids for s in batch], _row_masks(batch, runtime))
 
-    def _forward_and_sample(self) -> None:
+    def _decode(self, batch: list[Sequence], runner: BatchRunner) -> list[Sequence]:
+        """One forward of ``runner`` and one sampled token per row. Returns the live sequences; the
+        finished rows are dropped from the runner and the live rows' tokens queued in it."""
         before = self.parts.runtime.cache.stats.copy()
-        logits = self.runner.step()  # [B, V]
+        logits = runner.step()  # [B, V]
         delta = self.parts.runtime.cache.stats - before
         self.metrics.record_expert_lookups(delta.hits, delta.misses)
         if delta.loads:
             self.metrics.record_expert_loads(delta.loads, delta.bytes_loaded)
         self.metrics.set_resident_expert_bytes(self.parts.runtime.cache.resident_bytes)
         tokens = []
-        for row, sequence in enumerate(self.batch):
+        for row, sequence in enumerate(batch):
             token = next_token(logits[row], sequence.request.sampling, sequence.generated, sequence.generator)
             tokens.append(token)
             if not sequence.finished:
                 self._push(sequence, token)
-        self._compact(tokens)
+        live = [row for row, sequence in enumerate(batch) if not sequence.finished]
+        if live:
+            runner.keep(live)
+            runner.append([tokens[row] for row in live])
+        return [batch[row] for row in live]
 
     def _push(self, sequence: Sequence, token: int) -> None:
         sampling = sequence.request.sampling
@@ -198,16 +234,14 @@ class EngineCore:
             text += sequence.detokenizer.flush()
         self._emit(sequence, text, [token], reason, stop)
 
-    def _compact(self, tokens: list[int] | None = None) -> None:
-        """Drop finished rows from the batch; queue the live rows' tokens for the next step."""
+    def _compact(self) -> None:
+        """Drop finished (aborted) rows from the running batch."""
         live = [row for row, sequence in enumerate(self.batch) if not sequence.finished]
         if not live:
             self.batch, self.runner = [], None
             return
         if self.runner is not None:
             self.runner.keep(live)
-            if tokens is not None:
-                self.runner.append([tokens[row] for row in live])
         self.batch = [self.batch[row] for row in live]
 
     def _emit(self, sequence: Sequence, text: str, token_ids: list[int], reason, stop: str | None) -> None:

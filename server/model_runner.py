@@ -1,9 +1,11 @@
 """Runs a batch of sequences through the model: one prefill, then one token per step.
 
 Prompts are left-padded into one batch with a KV cache; each step feeds the last token of every
-live sequence. A finished sequence leaves the batch at once (its cache rows are dropped). Every
-sequence carries its own routing restriction (a row of the per-layer masks), so sequences that use
-different patterns share a batch and each is computed exactly as it would be alone.
+live sequence. A finished sequence leaves the batch at once (its cache rows are dropped), and new
+sequences join a running batch after their own prefill (``join``: the shorter side is left-padded,
+as in a batch prefill). Every sequence carries its own routing restriction (a row of the per-layer
+masks), so sequences that use different patterns share a batch and each is computed as it would be
+alone.
 
 Legend: B = sequences, S = positions, E = experts, V = vocabulary.
 """
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from expert_store.runtime import MoERuntime
 
@@ -75,3 +78,42 @@ class BatchRunner:
         self.attention_mask = self.attention_mask[index]
         self._pending = self._pending[index]
         self.row_masks = {layer: mask[index] for layer, mask in self.row_masks.items()}
+
+    @property
+    def can_join(self) -> bool:
+        """Whether other rows can be merged in: only plain growing caches (a sliding-window or
+        quantized cache layer keeps state that left-padding would not shift)."""
+        return all(type(layer) is DynamicLayer and layer.is_initialized for layer in self.cache.layers)
+
+    def join(self, other: BatchRunner) -> None:
+        """Append ``other``'s rows (prefilled, each with its next token queued) after this batch's.
+
+        Both sides hold one key/value position fewer than their attention mask (the queued token is
+        not yet in the cache); the shorter side is left-padded with masked positions, exactly what a
+        batch prefill of prompts of different lengths holds.
+        """
+        assert self.can_join and other.can_join, "join needs plain growing caches on both sides"
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        pads = (width - self.attention_mask.shape[1], width - other.attention_mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, pads[0]), _left_pad(theirs.keys, pads[1])]
+            )  # [B, H, S, D]
+            mine.values = torch.cat([_left_pad(mine.values, pads[0]), _left_pad(theirs.values, pads[1])])
+        masks = (self.attention_mask, other.attention_mask)
+        self.attention_mask = torch.cat(
+            [_left_pad(m, pad, dim=1) for m, pad in zip(masks, pads, strict=True)]
+        )
+        self._pending = torch.cat([self._pending, other._pending])  # [B, 1]
+        self.row_masks = {
+            layer: torch.cat([mask, other.row_masks[layer]]) for layer, mask in self.row_masks.items()
+        }
+
+
+def _left_pad(tensor: torch.Tensor, count: int, dim: int = -2) -> torch.Tensor:
+    """``count`` zeros before ``tensor`` along ``dim`` (masked positions: their values never count)."""
+    if count == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -2,8 +2,11 @@
 
 A batch is formed from the oldest waiting request plus every later one that fits beside it: the
 union of the pruned selections must fit in the expert slots of every layer, so no sequence of the
-batch ever waits on another's experts. The oldest request always leads the next batch, so a request
-waits at most for the batches of the requests older than it: no starvation.
+batch ever waits on another's experts. While a batch runs, waiting requests that fit beside it join
+it (continuous batching), in arrival order; one that does not fit (another task's experts, when the
+slots hold one task) is passed over, but at most ``max_overtakes`` times: then joining stops, the
+running batch drains and the oldest waiting request leads the next one. A request therefore waits
+for a bounded number of others, never indefinitely.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Sequence:
     route: Route | None = None
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
+    overtaken: int = 0  # requests that joined a running batch past this one while it waited
     routing_sent: bool = False
     finished: bool = False
     experts_loaded: int = 0
@@ -40,10 +44,13 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_batch_size: int, max_waiting: int) -> None:
+    def __init__(
+        self, num_slots: int, max_batch_size: int, max_waiting: int, max_overtakes: int = 16
+    ) -> None:
         self.num_slots = num_slots
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.max_overtakes = max_overtakes
         self.waiting: deque[Sequence] = deque()
 
     def remove(self, request_id: str) -> Sequence | None:
@@ -53,15 +60,29 @@ class Scheduler:
                 return sequence
         return None
 
-    def form_batch(self) -> list[Sequence]:
-        """The oldest waiting request and the later ones that fit beside it, in arrival order."""
+    def form_batch(self, running: list[Sequence] | None = None) -> list[Sequence]:
+        """The oldest waiting request and the later ones that fit beside it, in arrival order; with a
+        batch ``running``, the waiting requests that join it (in arrival order, passing over those
+        that do not fit unless one of them has been passed over ``max_overtakes`` times)."""
+        running = running or []
         batch: list[Sequence] = []
+        passed: list[Sequence] = []  # did not fit into the running batch; later joiners overtake them
         union: dict[int, set[int]] = {}
+        for sequence in running:
+            self._add_to_union(union, sequence.route)
         for sequence in list(self.waiting):
-            if len(batch) == self.max_batch_size:
+            if len(running) + len(batch) >= self.max_batch_size:
                 break
-            if batch and not self._fits(union, sequence.route):
+            if (batch or running) and not self._fits(union, sequence.route):
+                if running:
+                    if sequence.overtaken >= self.max_overtakes:
+                        break  # it has waited long enough: let the running batch drain
+                    passed.append(sequence)
                 continue
+            if any(waiting.overtaken >= self.max_overtakes for waiting in passed):
+                break
+            for waiting in passed:
+                waiting.overtaken += 1
             self._add_to_union(union, sequence.route)
             batch.append(sequence)
             self.waiting.remove(sequence)

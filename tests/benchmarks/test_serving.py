@@ -116,30 +116,21 @@ def test_server_target_is_the_throughput_ratio_at_most_clients():
     assert [(c["measured"], c["met"]) for c in checks] == [(2.25, True), (1.8, False)]
 
 
-def test_servers_up_together_each_measured_and_a_missing_peer_reported(bench, tmp_path, monkeypatch):
-    from benchmarks import serving
-
+def test_servers_up_together_each_measured_and_a_missing_peer_reported(bench, tmp_path):
     inputs = BenchInputs(bench.store, bench.patterns, None, bench.tasks)  # no checkpoint: no peer
     prompts = interleaved_prompts(bench.tasks, per_task=1)
     settings = ServingSettings(clients=(1, 2), rounds=1, min_requests=2, max_tokens=3, peers=("default",))
-    real = serving.contenders
-
-    def with_second_taer(*args):
-        first, *peers = real(*args)
-        spec = taer_spec(bench.store, bench.patterns, keep=0.25, port=free_port())
-        spec = type(spec)("taer-25", spec.label, spec.command, spec.port, spec.env)
-        second = serving.Contender(spec, first.make_bodies, first.path, serving._entry(spec, first.path))
-        return [first, second, *peers]
-
-    monkeypatch.setattr(serving, "contenders", with_second_taer)
     result = run_server_comparison(inputs, prompts, settings, tmp_path)
-    taer, taer_25, peer = result["servers"]
+    taer, taer_all, peer = result["servers"]
+    assert (taer["name"], taer_all["name"]) == ("taer", "taer-all")
+    assert taer_all["label"] == "taer serve (every expert resident)"
     assert result["settings"]["interleaved"] is True
-    for server in (taer, taer_25):
+    for server in (taer, taer_all):
         assert [level["clients"] for level in server["levels"]] == [1, 2]
         assert all(level["completed"] == 2 and level["completion_tokens"] == 6 for level in server["levels"])
         assert server["peak_rss_bytes"] >= server["idle_rss_bytes"] > 0
-    assert (tmp_path / "taer.log").exists() and (tmp_path / "taer-25.log").exists()
+    assert (tmp_path / "taer.log").exists() and (tmp_path / "taer-all.log").exists()
+    assert not any("taer-all" in t["target"] or "every expert" in t["target"] for t in result["targets"])
     assert peer["error"] == "no plain checkpoint given"
     peer_targets = [t for t in result["targets"] if peer["label"] in t["target"]]
     assert peer_targets == [
