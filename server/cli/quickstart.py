@@ -4,6 +4,7 @@ index it, then serve it. Each step is skipped when its output is already there a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def prepare(data: Path) -> tuple[Path, Path]:
     from expert_store.errors import PatternError, StoreError
     from expert_store.manifest import MANIFEST_FILE
     from expert_store.shard import shard_checkpoint
-    from retrieval.build import build_index_for_tasks
+    from retrieval.build import INDEX_SUBDIR, build_index_for_tasks
     from retrieval.calibrate import calibrate, load_patterns_for_store
 
     demo = build_demo(data / "demo")
@@ -55,14 +56,27 @@ def prepare(data: Path) -> tuple[Path, Path]:
         shard_checkpoint(demo.model_dir, store, force=True)
     try:
         load_patterns_for_store(patterns, store)
-        has_index = (patterns / "index").exists()
+        calibrated = True
     except (PatternError, StoreError):
-        has_index = False
-    if not has_index:
+        calibrated = False
+    if not calibrated:
         logger.info("calibrating %s with %s", store, demo.tasks_file)
         calibrate(store, demo.tasks_file, patterns)
+    if not calibrated or not _index_is_current(patterns / INDEX_SUBDIR):
+        logger.info("indexing %s", demo.tasks_file)
         build_index_for_tasks(demo.tasks_file, patterns)
     return store, patterns
+
+
+def _index_is_current(directory: Path) -> bool:
+    """An index of this taer's format is there (an older one lacks what a rebuild would add)."""
+    from retrieval.index_io import FORMAT_VERSION, METADATA_FILE
+
+    try:
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format_version") == FORMAT_VERSION
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,25 +84,18 @@ def run(args: argparse.Namespace) -> int:
     if args.no_serve:
         print(f"store: {store}\npatterns: {patterns}")
         return 0
-    from server.cli.serve import run as serve
-
     print(EXAMPLES.format(host=args.host, port=args.port))
-    serve_args = argparse.Namespace(
-        store_dir=store,
-        patterns=patterns,
-        keep=args.keep,
-        experts_per_layer=None,
-        expert_memory=None,
-        slots_per_layer=None,
-        mode=args.mode,
-        host=args.host,
-        port=args.port,
-        api_key=None,
-        max_queue=256,
-        max_batch_size=16,
-        device="cpu",
-        dtype=None,
-        encoder=None,
-        served_model_name="demo",
-    )
-    return serve(serve_args)
+    serve_args = serve_arguments(store, patterns, args)
+    return serve_args.func(serve_args)
+
+
+def serve_arguments(store: Path, patterns: Path, args: argparse.Namespace) -> argparse.Namespace:
+    """`taer serve`'s own arguments for the demo, parsed by its parser: every option it has gets
+    its default (TAER_* variables included), so the two commands cannot drift apart."""
+    from server.cli import serve
+
+    parser = argparse.ArgumentParser(prog="taer")
+    serve.register(parser.add_subparsers())
+    command = [str(store), "--patterns", str(patterns), "--keep", str(args.keep), "--mode", args.mode]
+    command += ["--host", args.host, "--port", str(args.port), "--device", "cpu"]
+    return parser.parse_args(["serve", *command, "--served-model-name", "demo"])
