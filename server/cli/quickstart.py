@@ -14,13 +14,14 @@ EXAMPLES = """
 taer is serving the demo model on http://{host}:{port}
 
   curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Reverse the word garden"}}], "max_tokens": 16}}'
+    -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Reverse garden."}}], "max_tokens": 16}}'
 
+  # TGI's /generate takes the prompt as the model sees it: here the demo's chat format
   curl http://{host}:{port}/generate -H 'Content-Type: application/json' \\
-    -d '{{"inputs": "Sort the digits 5 1 4", "parameters": {{"max_new_tokens": 16}}}}'
+    -d '{{"inputs": "<|user|>\\nSort the digits of 5142.\\n<|assistant|>\\n", "parameters": {{"max_new_tokens": 16}}}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://{host}:{port}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Add 12 and 30'}}]).choices[0].message.content)"
+print(c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Add 12 and 3.'}}]).choices[0].message.content)"
 
   curl http://{host}:{port}/v1/taer/patterns      # tasks, resident experts, cache statistics
 """
