@@ -178,6 +178,7 @@ class EngineCore:
         if joined:
             self.runner.join(runner)
             self.batch = [*self.batch, *joined]
+            self.metrics.record_joined(len(joined))
 
     def _prepare(self, batch: list[Sequence], running: list[Sequence]) -> BatchRunner:
         """Make ``batch``'s experts resident beside ``running``'s and build its runner (no forward yet)."""

@@ -132,6 +132,11 @@ class EngineMetrics:
             ["task"],
             registry=registry,
         )
+        self._joined = Counter(
+            f"{PREFIX}_requests_joined",
+            "Requests that joined a running batch (continuous batching) instead of starting one.",
+            registry=registry,
+        )
         self._resident_bytes = Gauge(
             f"{PREFIX}_resident_expert_bytes",
             "Bytes of expert weights resident on the device.",
@@ -157,6 +162,9 @@ class EngineMetrics:
 
     def record_pattern_switch(self, task: str) -> None:
         self._switches.labels(task=task).inc()
+
+    def record_joined(self, count: int) -> None:
+        self._joined.inc(count)
 
     def set_resident_expert_bytes(self, num_bytes: int) -> None:
         self._resident_bytes.set(num_bytes)

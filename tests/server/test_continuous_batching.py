@@ -155,7 +155,8 @@ async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
     store, patterns = pipeline
     config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
     engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
-    await engine.start(Metrics().engine)
+    metrics = Metrics()
+    await engine.start(metrics.engine)
     await asyncio.to_thread(engine.wait_ready, 60)
     tokenizer = engine.tokenizer
 
@@ -193,6 +194,7 @@ async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
         await engine.shutdown()
     assert events == ["short", "long"]  # the short request joined; it did not wait for the long one
     assert short == short_alone and long == long_alone
+    assert "taer_requests_joined_total 1.0" in metrics.render().decode()
 
 
 @pytest.fixture
