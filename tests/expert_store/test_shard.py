@@ -160,3 +160,36 @@ def test_interrupted_shard_leaves_nothing_that_looks_valid(tmp_path, monkeypatch
         shard_checkpoint(tmp_path / "ckpt", tmp_path / "store")
     assert not (tmp_path / "store").exists()
     assert not list(tmp_path.glob(".store*"))
+
+
+def test_read_into_equals_the_mapped_view(sharded):
+    _, store_dir, _ = sharded("qwen3_moe")
+    store = ExpertStore(store_dir, verify="always")
+    expected = store.expert(ExpertKey(2, 3))
+    gate_up, down = torch.empty_like(expected.gate_up), torch.empty_like(expected.down)
+    assert store.can_read_into(gate_up) and not store.can_read_into(gate_up.to(torch.float64))
+    store.read_into(ExpertKey(2, 3), gate_up, down)
+    assert torch.equal(gate_up, expected.gate_up) and torch.equal(down, expected.down)
+    store.close()
+
+
+def test_a_corrupt_expert_loaded_into_a_slot_leaves_the_slot_free(sharded, tmp_path):
+    from expert_store.runtime import RuntimeConfig, load_runtime
+
+    _, store_dir, _ = sharded("qwen3_moe")
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    entry = Manifest.load(copy).experts[ExpertKey(1, 5)]
+    data = bytearray((copy / entry.file).read_bytes())
+    data[entry.gate_up[0] + 11] ^= 0x01
+    (copy / entry.file).write_bytes(bytes(data))
+    runtime = load_runtime(copy, RuntimeConfig(slots_per_layer=4))
+    try:
+        assert runtime.cache.store.can_read_into(runtime.cache.banks[1].gate_up[0])  # the direct read path
+        with pytest.raises(CorruptExpertError, match=r"layer 1, expert 5\) in .*layer-001.safetensors"):
+            runtime.cache.prefetch({1: [4, 5]})
+        assert 5 not in runtime.cache.resident()[1]  # never claimed by a slot holding bad bytes
+        runtime.cache.prefetch({1: [4, 6]})  # the layer goes on working
+        assert runtime.cache.resident()[1] == [4, 6]
+    finally:
+        runtime.close()
