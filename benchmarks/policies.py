@@ -3,7 +3,8 @@
 At equal expert memory (the same slots per layer):
 
 - (a) ``pruned``: taer pruned mode with the retrieved pattern;
-- (b) ``prefetch``: taer exact mode, the retrieved pattern loaded first, misses loaded on demand;
+- (b) ``prefetch``: taer exact mode, the retrieved pattern loaded first, misses loaded on demand
+  (evicting experts outside the pattern before its own);
 - (c) ``lru``: exact mode, every expert loaded on demand with LRU eviction and no prediction (the
   mixtral-offloading policy);
 - (d) ``resident``: every expert resident (the memory-unconstrained reference, one slot per expert).

@@ -76,8 +76,12 @@ class LayerSlots:
     def touch(self, expert: int) -> None:
         self.recency.move_to_end(expert)
 
-    def victims(self, count: int, protected: set[int]) -> list[int]:
-        chosen = [expert for expert in self.recency if expert not in protected][:count]
+    def victims(self, count: int, protected: set[int], kept: frozenset[int] = frozenset()) -> list[int]:
+        """``count`` experts to evict, never ``protected`` ones: least recently used first, the
+        ``kept`` ones (the active pattern) only when nothing else is left."""
+        candidates = [expert for expert in self.recency if expert not in protected]
+        chosen = [e for e in candidates if e not in kept] + [e for e in candidates if e in kept]
+        chosen = chosen[:count]
         assert len(chosen) == count, "caller must never need more slots than exist"
         return chosen
 
@@ -108,6 +112,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self._allowed: dict[int, torch.Tensor] = {}
         self._row_masks: dict[int, torch.Tensor] | None = None
+        self._pattern: dict[int, frozenset[int]] = {}  # the last activated or prefetched experts
         self._device = device
 
     # Activation ------------------------------------------------------------------------------------
@@ -146,6 +151,8 @@ class ExpertCache:
         self._allowed = {}
 
     def _load(self, wanted: Mapping[int, list[int]], label: str) -> ActivationReport:
+        # What was asked for is the pattern: on-demand loads evict other experts before its own.
+        self._pattern = {layer: frozenset(experts) for layer, experts in wanted.items()}
         before, start = self.stats.copy(), time.perf_counter()
         reused = 0
         for layer, experts in wanted.items():
@@ -222,7 +229,9 @@ class ExpertCache:
         missing = [e for e in experts if not slots.is_resident(e)]
         shortfall = len(missing) - len(slots.free)
         if shortfall > 0:
-            for victim in slots.victims(shortfall, protected=set(experts)):
+            for victim in slots.victims(
+                shortfall, protected=set(experts), kept=self._pattern.get(layer, frozenset())
+            ):
                 slots.evict(victim)
                 self.stats.evictions += 1
         start = time.perf_counter()

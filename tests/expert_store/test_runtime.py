@@ -140,6 +140,18 @@ def test_lru_eviction_keeps_recent_experts(sharded):
     assert runtime.cache.resident() == {layer: [0, 1, 6, 7] for layer in layers}
 
 
+def test_on_demand_loads_evict_the_pattern_last(sharded):
+    reference, store, _ = sharded("qwen3_moe")
+    layer = _moe_layers(reference)[0]
+    runtime = load_runtime(store, RuntimeConfig(slots_per_layer=4))
+    runtime.activate({layer: [0, 1]}, "exact")  # the pattern, as a prefetch hint
+    list(runtime.cache.waves(layer, [2, 3]))  # misses fill the free slots: 0 is now the oldest
+    list(runtime.cache.waves(layer, [4]))  # plain LRU would evict 0; the pattern stays
+    assert runtime.cache.resident()[layer] == [0, 1, 3, 4]
+    list(runtime.cache.waves(layer, [5, 6, 7]))  # more than the non-pattern experts: then LRU
+    assert runtime.cache.resident()[layer] == [1, 5, 6, 7]
+
+
 def test_bad_selections_and_budgets_are_refused(sharded):
     reference, store, _ = sharded("qwen3_moe")
     layers = _moe_layers(reference)
