@@ -197,6 +197,46 @@ async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
     assert "taer_requests_joined_total 1.0" in metrics.render().decode()
 
 
+@pytest.mark.anyio
+async def test_aborting_a_joined_or_a_running_request_leaves_the_other_as_alone(pipeline):
+    store, patterns = pipeline
+    config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
+    engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
+    await engine.start(Metrics().engine)
+    await asyncio.to_thread(engine.wait_ready, 60)
+    tokenizer = engine.tokenizer
+
+    def request(name: str, text: str) -> GenerationRequest:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        return GenerationRequest(
+            name, ids, text, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        )
+
+    first, second = "Reverse the letters of the word zebra.", "What is 3 plus 10?"
+    try:
+        alone = {}
+        for name, text in (("a", first), ("b", second)):
+            alone[name] = [t async for o in engine.generate(request(name, text)) for t in o.token_ids]
+        for victim in ("b2", "a2"):  # abort the joined request, then the one it joined
+            streams = {"a2": engine.generate(request("a2", first))}
+            head = {"a2": (await streams["a2"].__anext__()).token_ids}  # a2 is decoding
+            streams["b2"] = engine.generate(request("b2", second))
+            head["b2"] = (await streams["b2"].__anext__()).token_ids  # b2 has joined
+            await engine.abort(victim)
+            outputs = {}
+            for name, stream in streams.items():
+                outputs[name] = [o async for o in stream]
+            assert outputs[victim][-1].finish_reason == "abort"
+            survivor = "a2" if victim == "b2" else "b2"
+            tokens = head[survivor] + [t for o in outputs[survivor] for t in o.token_ids]
+            assert tokens == alone[survivor[0]] and outputs[survivor][-1].finish_reason == "length"
+    finally:
+        await engine.shutdown()
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
