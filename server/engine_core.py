@@ -1,10 +1,12 @@
-"""The engine thread: owns the model, routes requests, forms batches, steps them, emits tokens.
+"""The engine thread: owns the model, forms batches, steps them, emits tokens.
 
-Everything here runs on one thread; the async facade (``server/engine.py``) hands requests in
-through ``submit``/``abort`` and receives outputs through each sequence's ``emit`` callback. A
-request's whole life is visible in ``step``: admit (retrieve patterns), start a batch (prefetch its
-experts, prefill) or let waiting requests join the running one (prefill them, merge their rows),
-then decode one token for every live sequence.
+The model runs on one thread; the async facade (``server/engine.py``) hands requests in through
+``submit``/``abort`` and receives outputs through each sequence's ``emit`` callback. Retrieval
+(embedding the request, choosing its pattern) runs on a second thread, so that it overlaps with
+decoding instead of stalling every running sequence: a request reaches the engine thread with its
+route. There a request's life is visible in ``step``: start a batch (prefetch its experts, prefill)
+or let waiting requests join the running one (prefill them, merge their rows), then decode one token
+for every live sequence.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class EngineCore:
         self.stopping = False
         self._last_tasks: frozenset = frozenset()
         self._lock = threading.Lock()
-        self.num_waiting = 0
+        self.num_waiting = 0  # submitted, not yet in the scheduler's queue (being routed, or in the inbox)
+        self._to_route: queue.SimpleQueue = queue.SimpleQueue()
+        self._unadded: set[str] = set()  # submitted ids the engine thread has not added yet
+        self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
 
     # Called from other threads -------------------------------------------------------------------
 
@@ -59,7 +64,8 @@ class EngineCore:
             if self.num_waiting + len(self.scheduler.waiting) >= self.scheduler.max_waiting:
                 raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
             self.num_waiting += 1
-        self.inbox.put(("add", sequence))
+            self._unadded.add(sequence.request_id)
+        self._to_route.put(sequence)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -70,6 +76,18 @@ class EngineCore:
     # The engine thread ---------------------------------------------------------------------------
 
     def run_forever(self) -> None:
+        router = threading.Thread(target=self._route_forever, name="taer-retrieval", daemon=True)
+        router.start()
+        try:
+            self._loop()
+        finally:
+            self._to_route.put(None)
+            router.join()
+            self._drain(block=False)  # requests routed meanwhile: they are aborted below
+        for sequence in [*self.batch, *self.scheduler.waiting]:
+            self._finish(sequence, "abort")
+
+    def _loop(self) -> None:
         while not self.stopping:
             self._drain(block=not self.batch and not self.scheduler.waiting)
             if self.stopping:
@@ -81,11 +99,8 @@ class EngineCore:
                 for sequence in self.batch:
                     self._fail(sequence, error)
                 self.batch, self.runner = [], None
-        for sequence in [*self.batch, *self.scheduler.waiting]:
-            self._finish(sequence, "abort")
 
     def step(self) -> None:
-        self._admit()
         if not self.batch:
             self._start_batch()
         elif self.runner is not None:
@@ -117,9 +132,19 @@ class EngineCore:
     def _add(self, sequence: Sequence) -> None:
         with self._lock:
             self.num_waiting -= 1
-        self.scheduler.waiting.append(sequence)
+            self._unadded.discard(sequence.request_id)
+        if sequence.request_id in self._cancelled:  # aborted while it was being routed
+            self._cancelled.discard(sequence.request_id)
+            self._finish(sequence, "abort")
+            return
+        if sequence.route is not None:
+            self.scheduler.waiting.append(sequence)
 
     def _abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._unadded:  # still being routed: drop it when it arrives
+                self._cancelled.add(request_id)
+                return
         sequence = self.scheduler.remove(request_id)
         if sequence is not None:
             self._finish(sequence, "abort")
@@ -129,25 +154,43 @@ class EngineCore:
                 self._finish(sequence, "abort")
         self._compact()
 
-    def _admit(self) -> None:
-        """Retrieve a pattern for every waiting request that has none yet (their texts together)."""
-        pending = [s for s in self.scheduler.waiting if s.route is None]
-        if not pending:
-            return
+    # The retrieval thread ------------------------------------------------------------------------
+
+    def _route_forever(self) -> None:
+        """Route submitted requests, as many together as have arrived, and pass them to the engine
+        thread. A request that cannot be routed fails; the engine thread is told it arrived."""
+        while True:
+            pending = [self._to_route.get()]
+            while True:
+                try:
+                    pending.append(self._to_route.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in pending
+            pending = [s for s in pending if s is not None]
+            if pending:
+                self._route(pending)
+            if stop:
+                return
+
+    def _route(self, pending: list[Sequence]) -> None:
         requests = [
             RouteRequest(s.request.retrieval_text, s.request.taer.task, s.request.taer.mode) for s in pending
         ]
         try:
             routes = self.parts.router.route(requests)
-        except TaerError as error:
+        except Exception as error:  # a request's own fault (TaerError) or a retrieval fault: fail them
+            if not isinstance(error, TaerError):
+                logger.exception("retrieval failed")
             for sequence in pending:
-                self.scheduler.remove(sequence.request_id)
                 self._fail(sequence, error)
+                self.inbox.put(("add", sequence))  # with no route: only counted as arrived
             return
         for sequence, route in zip(pending, routes, strict=True):
             sequence.route = route
             if route.retrieval_seconds:
                 self.metrics.observe_retrieval(route.retrieval_seconds)
+            self.inbox.put(("add", sequence))
 
     def _start_batch(self) -> None:
         batch = self.scheduler.form_batch()

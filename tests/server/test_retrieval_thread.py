@@ -1,0 +1,118 @@
+"""Retrieval runs beside the engine thread: a slow route never stalls running sequences, a request
+aborted while it is being routed never runs, and a routing error fails only its requests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from pipeline import build_pipeline
+
+from expert_store.errors import TaerError
+from server.engine import TaerEngine
+from server.engine_api import GenerationRequest, SamplingParams
+from server.loading import ServeConfig, load_engine_parts
+from server.metrics import Metrics
+
+LONG, SLOW, BAD = "Reverse the letters of the word zebra.", "What is 3 plus 10?", "What is 21 plus 28?"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return build_pipeline(tmp_path_factory.mktemp("retrieval-thread"))
+
+
+class GatedRouter:
+    """Wraps the engine's router: requests for SLOW wait for ``gate``; BAD raises."""
+
+    def __init__(self, router) -> None:
+        self.router = router
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def route(self, requests):
+        texts = [r.text for r in requests]
+        if BAD in texts:
+            raise TaerError("no pattern for this request")
+        if SLOW in texts:
+            self.waiting.set()
+            self.gate.wait(10)
+        return self.router.route(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.router, name)
+
+
+def _request(tokenizer, name: str, text: str, max_tokens: int) -> GenerationRequest:
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return GenerationRequest(
+        name, ids, text, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    )
+
+
+@pytest.mark.anyio
+async def test_slow_retrieval_does_not_stall_decoding_and_aborts_and_errors_stay_local(pipeline):
+    store, patterns = pipeline
+    config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
+    engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
+    await engine.start(Metrics().engine)
+    await asyncio.to_thread(engine.wait_ready, 60)
+    router = GatedRouter(engine.parts.router)
+    engine.parts.router = router
+    tokenizer = engine.tokenizer
+    try:
+        # 1. While SLOW waits in retrieval for 0.6 s, LONG keeps decoding at its usual pace.
+        long_stream = engine.generate(_request(tokenizer, "long", LONG, 60))
+        await long_stream.__anext__()
+        slow_task = asyncio.create_task(_tokens(engine.generate(_request(tokenizer, "slow", SLOW, 4))))
+        await asyncio.to_thread(router.waiting.wait, 10)
+        arrivals = []
+        released = asyncio.get_running_loop().call_later(0.6, router.gate.set)
+        async for output in long_stream:
+            arrivals.append(time.perf_counter())
+            if output.finished:
+                break
+        released.cancel()
+        router.gate.set()
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        assert max(gaps) < 0.3  # routing on the engine thread would stall one gap for 0.6 s
+        assert len(await slow_task) == 4
+
+        # 2. Aborted while being routed: it never reaches the model.
+        router.gate.clear()
+        router.waiting.clear()
+        stream = engine.generate(_request(tokenizer, "gone", SLOW, 4))
+        first = asyncio.create_task(stream.__anext__())
+        await asyncio.to_thread(router.waiting.wait, 10)
+        await engine.abort("gone")
+        router.gate.set()
+        output = await first
+        assert output.finished and output.finish_reason == "abort" and output.token_ids == []
+
+        # 3. A routing error fails its own request; the next one is served.
+        with pytest.raises(TaerError, match="no pattern for this request"):
+            await _tokens(engine.generate(_request(tokenizer, "bad", BAD, 4)))
+        assert len(await _tokens(engine.generate(_request(tokenizer, "after", LONG, 3)))) == 3
+    finally:
+        router.gate.set()
+        await engine.shutdown()
+
+
+async def _tokens(stream) -> list[int]:
+    return [t async for output in stream for t in output.token_ids]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
