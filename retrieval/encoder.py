@@ -166,9 +166,9 @@ class Encoder:
         """Embed ``texts`` together, in batches of ``batch_size``.
 
         Returns float32 [N, D], each row of unit length. Calls the model's modules directly rather than
-        ``SentenceTransformer.encode``: the same vectors (equal within 1e-6), without the per-call
-        overhead that is most of a single short query's time on a CPU (measured 14.6 -> 11.8 ms p50,
-        22.2 -> 13.8 ms p99 for one query on one thread).
+        ``SentenceTransformer.encode``: the same vectors (equal within 1e-6), without that wrapper's
+        per-call work (about 1-3 ms of a single short query's 12-15 ms on one CPU thread, measured
+        across noisy runs).
         """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
