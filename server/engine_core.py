@@ -56,6 +56,8 @@ class EngineCore:
         self._to_route: queue.SimpleQueue = queue.SimpleQueue()
         self._unadded: set[str] = set()  # submitted ids the engine thread has not added yet
         self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
+        self._arrivals = 0  # requests added to the scheduler's queue so far
+        self._nothing_joins: tuple | None = None  # what the last join attempt that found none saw
 
     # Called from other threads -------------------------------------------------------------------
 
@@ -139,6 +141,7 @@ class EngineCore:
             return
         if sequence.route is not None:
             self.scheduler.waiting.append(sequence)
+            self._arrivals += 1
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -207,8 +210,14 @@ class EngineCore:
         their own, then their rows merge into it; from the next step they decode together."""
         if not self.scheduler.waiting or not self.runner.can_join:
             return
+        # Whether anything joins depends only on the running rows and the waiting queue: while
+        # neither changed, do not test every waiting request against every layer again each token.
+        seen = (self._arrivals, len(self.scheduler.waiting), tuple(id(s) for s in self.batch))
+        if seen == self._nothing_joins:
+            return
         joining = self.scheduler.form_batch(running=self.batch)
         if not joining:
+            self._nothing_joins = seen
             return
         try:
             runner = self._prepare(joining, running=self.batch)
