@@ -12,13 +12,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from engine_helpers import greedy_request, started_engine
 from pipeline import build_pipeline
 
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.service import Route
-from server.engine import TaerEngine
 from server.engine_api import GenerationRequest, SamplingParams
-from server.loading import ServeConfig, load_engine_parts
+from server.loading import ServeConfig
 from server.metrics import Metrics
 from server.model_runner import BatchRunner
 from server.scheduler import Scheduler, Sequence
@@ -153,20 +153,12 @@ def test_joining_respects_the_batch_size():
 @pytest.mark.anyio
 async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
     store, patterns = pipeline
-    config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
-    engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
     metrics = Metrics()
-    await engine.start(metrics.engine)
-    await asyncio.to_thread(engine.wait_ready, 60)
-    tokenizer = engine.tokenizer
+    config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
+    engine = await started_engine(config, metrics, max_batch_size=4)
 
     def request(name: str, text: str, max_tokens: int) -> GenerationRequest:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        return GenerationRequest(name, ids, text, sampling)
+        return greedy_request(engine.tokenizer, name, text, max_tokens)
 
     async def tokens(stream) -> list[int]:
         return [t async for output in stream for t in output.token_ids]
@@ -201,19 +193,10 @@ async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
 async def test_aborting_a_joined_or_a_running_request_leaves_the_other_as_alone(pipeline):
     store, patterns = pipeline
     config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
-    engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
-    await engine.start(Metrics().engine)
-    await asyncio.to_thread(engine.wait_ready, 60)
-    tokenizer = engine.tokenizer
+    engine = await started_engine(config, max_batch_size=4)
 
     def request(name: str, text: str) -> GenerationRequest:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        return GenerationRequest(
-            name, ids, text, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        )
+        return greedy_request(engine.tokenizer, name, text, 24)
 
     first, second = "Reverse the letters of the word zebra.", "What is 3 plus 10?"
     try:
@@ -235,8 +218,3 @@ async def test_aborting_a_joined_or_a_running_request_leaves_the_other_as_alone(
             assert tokens == alone[survivor[0]] and outputs[survivor][-1].finish_reason == "length"
     finally:
         await engine.shutdown()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"

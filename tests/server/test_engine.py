@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from engine_helpers import chat_ids, started_engine
 from pipeline import build_pipeline
 
 from expert_store.errors import QueueFullError
@@ -19,10 +20,8 @@ from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.selection import Budget
 from retrieval.service import PatternRouter
-from server.engine import TaerEngine
 from server.engine_api import GenerationRequest, SamplingParams, TaerOptions
-from server.loading import ServeConfig, load_engine_parts
-from server.metrics import Metrics
+from server.loading import ServeConfig
 
 PROMPTS = [
     "What is 3 plus 10?",
@@ -37,13 +36,6 @@ def pipeline(tmp_path_factory):
     return build_pipeline(tmp_path_factory.mktemp("engine"))
 
 
-def _ids(tokenizer, text):
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer.encode(prompt, add_special_tokens=False)
-
-
 async def _collect(engine, request):
     text, outputs = "", []
     async for output in engine.generate(request):
@@ -52,22 +44,14 @@ async def _collect(engine, request):
     return text, outputs
 
 
-async def _started(config: ServeConfig, **kwargs) -> TaerEngine:
-    engine = TaerEngine(lambda: load_engine_parts(config), **kwargs)
-    await engine.start(Metrics().engine)
-    await asyncio.to_thread(engine.wait_ready, 60)
-    assert engine.is_ready
-    return engine
-
-
 @pytest.mark.anyio
 async def test_greedy_answer_equals_direct_generation_with_the_retrieved_pattern(pipeline):
     store, patterns = pipeline
-    engine = await _started(ServeConfig(store, patterns, keep=0.5))
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5))
     try:
         tokenizer = engine.tokenizer
         request = GenerationRequest(
-            "a", _ids(tokenizer, PROMPTS[0]), PROMPTS[0], SamplingParams(max_tokens=10, temperature=0)
+            "a", chat_ids(tokenizer, PROMPTS[0]), PROMPTS[0], SamplingParams(max_tokens=10, temperature=0)
         )
         text, outputs = await _collect(engine, request)
     finally:
@@ -94,14 +78,14 @@ async def test_greedy_answer_equals_direct_generation_with_the_retrieved_pattern
 @pytest.mark.anyio
 async def test_eight_concurrent_requests_each_get_their_own_answer(pipeline):
     store, patterns = pipeline
-    engine = await _started(ServeConfig(store, patterns, keep=0.5, slots_per_layer=8), max_batch_size=8)
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5, slots_per_layer=8), max_batch_size=8)
     try:
         tokenizer = engine.tokenizer
 
         def request(i, text, mode=None):
             return GenerationRequest(
                 f"r{i}",
-                _ids(tokenizer, text),
+                chat_ids(tokenizer, text),
                 text,
                 SamplingParams(max_tokens=12, temperature=0),
                 TaerOptions(mode=mode),
@@ -121,10 +105,10 @@ async def test_eight_concurrent_requests_each_get_their_own_answer(pipeline):
 @pytest.mark.anyio
 async def test_abort_stops_generation_and_sampling_is_reproducible(pipeline):
     store, patterns = pipeline
-    engine = await _started(ServeConfig(store, patterns, keep=0.5))
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5))
     try:
         tokenizer = engine.tokenizer
-        ids = _ids(tokenizer, PROMPTS[1])
+        ids = chat_ids(tokenizer, PROMPTS[1])
         sampled = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
         first = await _collect(engine, GenerationRequest("s1", ids, PROMPTS[1], sampled))
         second = await _collect(engine, GenerationRequest("s2", ids, PROMPTS[1], sampled))
@@ -157,7 +141,7 @@ async def test_abort_stops_generation_and_sampling_is_reproducible(pipeline):
 @pytest.mark.anyio
 async def test_full_queue_is_refused(pipeline):
     store, patterns = pipeline
-    engine = await _started(ServeConfig(store, patterns, keep=0.5), max_waiting=1)
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5), max_waiting=1)
     try:
         core = engine._core
         core.num_waiting = 1  # as if one request were already waiting
@@ -168,8 +152,3 @@ async def test_full_queue_is_refused(pipeline):
     finally:
         core.num_waiting = 0
         await engine.shutdown()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"

@@ -14,13 +14,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from engine_helpers import greedy_request, started_engine
 from pipeline import build_pipeline
 
 from expert_store.errors import TaerError
-from server.engine import TaerEngine
-from server.engine_api import GenerationRequest, SamplingParams
-from server.loading import ServeConfig, load_engine_parts
-from server.metrics import Metrics
+from server.loading import ServeConfig
 
 LONG, SLOW, BAD = "Reverse the letters of the word zebra.", "What is 3 plus 10?", "What is 21 plus 28?"
 
@@ -51,31 +49,18 @@ class GatedRouter:
         return getattr(self.router, name)
 
 
-def _request(tokenizer, name: str, text: str, max_tokens: int) -> GenerationRequest:
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    return GenerationRequest(
-        name, ids, text, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    )
-
-
 @pytest.mark.anyio
 async def test_slow_retrieval_does_not_stall_decoding_and_aborts_and_errors_stay_local(pipeline):
     store, patterns = pipeline
-    config = ServeConfig(store, patterns, keep=0.5, slots_per_layer=8)
-    engine = TaerEngine(lambda: load_engine_parts(config), max_batch_size=4)
-    await engine.start(Metrics().engine)
-    await asyncio.to_thread(engine.wait_ready, 60)
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5, slots_per_layer=8), max_batch_size=4)
     router = GatedRouter(engine.parts.router)
     engine.parts.router = router
     tokenizer = engine.tokenizer
     try:
         # 1. While SLOW waits in retrieval for 1 s, LONG keeps decoding at its usual pace.
-        long_stream = engine.generate(_request(tokenizer, "long", LONG, 60))
+        long_stream = engine.generate(greedy_request(tokenizer, "long", LONG, 60))
         await long_stream.__anext__()
-        slow_task = asyncio.create_task(_tokens(engine.generate(_request(tokenizer, "slow", SLOW, 4))))
+        slow_task = asyncio.create_task(_tokens(engine.generate(greedy_request(tokenizer, "slow", SLOW, 4))))
         await asyncio.to_thread(router.waiting.wait, 10)
         arrivals = []
         released = asyncio.get_running_loop().call_later(1.0, router.gate.set)
@@ -92,7 +77,7 @@ async def test_slow_retrieval_does_not_stall_decoding_and_aborts_and_errors_stay
         # 2. Aborted while being routed: it never reaches the model.
         router.gate.clear()
         router.waiting.clear()
-        stream = engine.generate(_request(tokenizer, "gone", SLOW, 4))
+        stream = engine.generate(greedy_request(tokenizer, "gone", SLOW, 4))
         first = asyncio.create_task(stream.__anext__())
         await asyncio.to_thread(router.waiting.wait, 10)
         await engine.abort("gone")
@@ -102,8 +87,8 @@ async def test_slow_retrieval_does_not_stall_decoding_and_aborts_and_errors_stay
 
         # 3. A routing error fails its own request; the next one is served.
         with pytest.raises(TaerError, match="no pattern for this request"):
-            await _tokens(engine.generate(_request(tokenizer, "bad", BAD, 4)))
-        assert len(await _tokens(engine.generate(_request(tokenizer, "after", LONG, 3)))) == 3
+            await _tokens(engine.generate(greedy_request(tokenizer, "bad", BAD, 4)))
+        assert len(await _tokens(engine.generate(greedy_request(tokenizer, "after", LONG, 3)))) == 3
     finally:
         router.gate.set()
         await engine.shutdown()
@@ -111,8 +96,3 @@ async def test_slow_retrieval_does_not_stall_decoding_and_aborts_and_errors_stay
 
 async def _tokens(stream) -> list[int]:
     return [t async for output in stream for t in output.token_ids]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
