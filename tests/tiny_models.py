@@ -107,3 +107,17 @@ def save_tiny(family: str, path: Path, seed: int = 0, fused: bool = False, **kwa
             state.pop("lm_head.weight", None)
         save_file(state, str(path / "model.safetensors"))
     return model
+
+
+def padded_inputs(
+    batch: int = 2, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) [batch, 12] of random tokens; the second row is left-padded by 4,
+    as generate batches prompts of different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :4] = 0
+        mask[1, :4] = 0
+    return ids.to(device), mask.to(device)

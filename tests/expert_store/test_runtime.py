@@ -7,22 +7,12 @@ import random
 import pytest
 import torch
 from reference import pruned_reference
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, padded_inputs
 
 from expert_store.errors import BudgetError, SelectionError
 from expert_store.runtime import RuntimeConfig, load_runtime
 
 TOL = 1e-5
-
-
-def _inputs(batch: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, 12), generator=generator)
-    mask = torch.ones_like(ids)
-    if batch > 1:  # left padding on the second row, as generate batches
-        ids[1, :4] = 0
-        mask[1, :4] = 0
-    return ids, mask
 
 
 def _logits(model, ids, mask):
@@ -40,7 +30,7 @@ def test_all_experts_pruned_equals_reference(sharded, family, batch):
     reference, store, _ = sharded(family)
     runtime = load_runtime(store)
     runtime.activate_all()
-    ids, mask = _inputs(batch)
+    ids, mask = padded_inputs(batch)
     diff = (_logits(reference, ids, mask) - _logits(runtime.model, ids, mask))[mask.bool()]
     assert diff.abs().max().item() <= TOL
 
@@ -50,7 +40,7 @@ def test_greedy_generation_identical(sharded, family):
     reference, store, _ = sharded(family)
     runtime = load_runtime(store)
     runtime.activate_all()
-    ids, mask = _inputs(2)
+    ids, mask = padded_inputs(2)
     kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
     expected = reference.generate(ids, **kwargs)
     assert torch.equal(runtime.model.generate(ids, **kwargs), expected)
@@ -63,7 +53,7 @@ def test_subset_equals_masked_reference(sharded, family):
     selection = {layer: sorted(rng.sample(range(8), 5)) for layer in _moe_layers(reference)}
     runtime = load_runtime(store, RuntimeConfig(slots_per_layer=5))
     runtime.activate(selection, "pruned")
-    ids, mask = _inputs(2, seed=1)
+    ids, mask = padded_inputs(2, seed=1)
     with pruned_reference(reference, selection):
         expected = _logits(reference, ids, mask)
     got = _logits(runtime.model, ids, mask)
@@ -84,7 +74,7 @@ def test_pruned_routing_never_picks_a_pruned_expert(sharded, family):
         module.forward = lambda h, idx, w, _f=forward: (chosen.append(idx.unique().tolist()), _f(h, idx, w))[
             1
         ]
-    _logits(runtime.model, *_inputs(2))
+    _logits(runtime.model, *padded_inputs(2))
     assert chosen and all(set(ids) <= {0, 5} for ids in chosen)
     assert runtime.cache.stats.misses == 0
 
@@ -94,7 +84,7 @@ def test_exact_mode_with_half_the_slots_equals_full_model(sharded, family):
     reference, store, _ = sharded(family)
     runtime = load_runtime(store, RuntimeConfig(slots_per_layer=4))
     runtime.activate({layer: [0, 1, 2, 3] for layer in _moe_layers(reference)}, "exact")
-    ids, mask = _inputs(2, seed=2)
+    ids, mask = padded_inputs(2, seed=2)
     diff = (_logits(reference, ids, mask) - _logits(runtime.model, ids, mask))[mask.bool()]
     assert diff.abs().max().item() <= TOL
     stats = runtime.cache.stats
@@ -107,7 +97,7 @@ def test_exact_mode_processes_a_step_in_waves_when_slots_are_short(sharded):
     reference, store, _ = sharded("qwen3_moe")
     runtime = load_runtime(store, RuntimeConfig(slots_per_layer=2))  # a 2x12 prefill needs ~all 8
     runtime.activate({}, "exact")
-    ids, mask = _inputs(2, seed=3)
+    ids, mask = padded_inputs(2, seed=3)
     diff = (_logits(reference, ids, mask) - _logits(runtime.model, ids, mask))[mask.bool()]
     assert diff.abs().max().item() <= TOL
     assert all(len(experts) <= 2 for experts in runtime.cache.resident().values())

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, padded_inputs
 from transformers import AutoModelForCausalLM
 
 from expert_store.runtime import RuntimeConfig, load_runtime
@@ -35,14 +35,6 @@ def bf16_reference(tiny_store, device):
     return get
 
 
-def _inputs(device: torch.device, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (2, 12), generator=generator)
-    mask = torch.ones_like(ids)
-    ids[1, :4], mask[1, :4] = 0, 0  # left padding
-    return ids.to(device), mask.to(device)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits_and_greedy_tokens_match_reference(tiny_store, bf16_reference, device, family):
     _, store, _ = tiny_store(family)
@@ -50,7 +42,7 @@ def test_bf16_logits_and_greedy_tokens_match_reference(tiny_store, bf16_referenc
     runtime = load_runtime(store, RuntimeConfig(device=str(device), dtype="bfloat16"))
     runtime.activate_all()
     assert all(bank.gate_up.dtype == torch.bfloat16 for bank in runtime.cache.banks.values())
-    ids, mask = _inputs(device)
+    ids, mask = padded_inputs(device=device)
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits.float()
         got = runtime.model(input_ids=ids, attention_mask=mask).logits.float()
@@ -67,7 +59,7 @@ def test_bf16_exact_mode_with_misses_matches_reference_and_pruned_runs(
     _, store, _ = tiny_store(family)
     runtime = load_runtime(store, RuntimeConfig(device=str(device), dtype="bfloat16", slots_per_layer=4))
     layers = runtime.layout.moe_layers
-    ids, mask = _inputs(device, seed=1)
+    ids, mask = padded_inputs(seed=1, device=device)
     runtime.activate({layer: [0, 1] for layer in layers}, "exact")
     with torch.no_grad():
         exact = runtime.model(input_ids=ids, attention_mask=mask).logits.float()

@@ -9,23 +9,13 @@ import random
 import pytest
 import torch
 from reference import pruned_reference
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, padded_inputs
 
 from expert_store.runtime import RuntimeConfig, load_runtime
 
 pytestmark = pytest.mark.gpu
 
 TOL = 1e-4
-
-
-def _inputs(device: torch.device, batch: int = 2, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, 12), generator=generator)
-    mask = torch.ones_like(ids)
-    if batch > 1:  # left padding on the second row, as generate batches
-        ids[1, :4] = 0
-        mask[1, :4] = 0
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -54,7 +44,7 @@ def test_all_experts_equal_reference(tiny_store, device, family, batch):
     runtime = load_runtime(store, RuntimeConfig(device=str(device)))
     runtime.activate_all()
     _on_device(runtime, device)
-    ids, mask = _inputs(device, batch)
+    ids, mask = padded_inputs(batch, device=device)
     assert _max_diff(_logits(reference, ids, mask), _logits(runtime.model, ids, mask), mask) <= TOL
 
 
@@ -63,7 +53,7 @@ def test_greedy_generation_identical(tiny_store, device, family):
     reference, store, _ = tiny_store(family)
     runtime = load_runtime(store, RuntimeConfig(device=str(device)))
     runtime.activate_all()
-    ids, mask = _inputs(device)
+    ids, mask = padded_inputs(device=device)
     kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(runtime.model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
@@ -77,7 +67,7 @@ def test_subset_equals_masked_reference(tiny_store, device, family):
     selection = {layer: sorted(rng.sample(range(8), 5)) for layer in _moe_layers(reference)}
     runtime = load_runtime(store, RuntimeConfig(device=str(device), slots_per_layer=5))
     runtime.activate(selection, "pruned")
-    ids, mask = _inputs(device, seed=1)
+    ids, mask = padded_inputs(seed=1, device=device)
     got = _logits(runtime.model, ids, mask)
     with pruned_reference(cpu_reference, selection):
         expected = _logits(cpu_reference, ids.cpu(), mask.cpu())
@@ -93,7 +83,7 @@ def test_exact_mode_with_half_the_slots_loads_misses_on_demand(tiny_store, devic
     runtime = load_runtime(store, RuntimeConfig(device=str(device), slots_per_layer=4))
     runtime.activate({layer: [0, 1, 2, 3] for layer in _moe_layers(reference)}, "exact")
     loads_before = runtime.cache.stats.loads
-    ids, mask = _inputs(device, seed=2)
+    ids, mask = padded_inputs(seed=2, device=device)
     assert _max_diff(_logits(reference, ids, mask), _logits(runtime.model, ids, mask), mask) <= TOL
     stats = runtime.cache.stats
     assert stats.misses > 0 and stats.hits > 0
@@ -108,7 +98,7 @@ def test_exact_mode_in_waves_reuses_slots_within_a_forward(tiny_store, device, f
     reference, store, _ = tiny_store(family)
     runtime = load_runtime(store, RuntimeConfig(device=str(device), slots_per_layer=2))
     runtime.activate({}, "exact")
-    ids, mask = _inputs(device, seed=3)
+    ids, mask = padded_inputs(seed=3, device=device)
     for _ in range(3):
         assert _max_diff(_logits(reference, ids, mask), _logits(runtime.model, ids, mask), mask) <= TOL
     assert runtime.cache.stats.evictions > 0
@@ -119,7 +109,7 @@ def test_switching_patterns_between_forwards_stays_exact(tiny_store, device):
     reference, store, _ = tiny_store("qwen3_moe")
     layers = _moe_layers(reference)
     runtime = load_runtime(store, RuntimeConfig(device=str(device), slots_per_layer=4))
-    ids, mask = _inputs(device, seed=4)
+    ids, mask = padded_inputs(seed=4, device=device)
     rng = random.Random(0)
     selections = [{layer: sorted(rng.sample(range(8), 4)) for layer in layers} for _ in range(6)]
     outputs = []
