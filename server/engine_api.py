@@ -3,7 +3,7 @@
 The HTTP layer (``server/app.py`` and the ``serving_*`` modules) turns a request into a
 :class:`GenerationRequest`, iterates :meth:`Engine.generate`, and turns the
 :class:`GenerationOutput` objects into OpenAI or TGI responses. It knows nothing else about the
-engine. The real engine (model thread, scheduler, retrieval) and ``server/fake_engine.py`` both
+engine. The real engine (model thread, scheduler, retrieval) and ``tests/server/fake_engine.py`` both
 implement :class:`Engine`.
 
 Rules of the contract, in one place:

@@ -5,12 +5,9 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from labelled_pipeline import build_labelled_pipeline
 

@@ -8,10 +8,7 @@ that the calibration prompts (and so the retrieval index) never saw.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from pipeline import TASK_PROMPTS, build_pipeline
 

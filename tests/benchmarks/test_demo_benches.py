@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from labelled_pipeline import build_labelled_pipeline
 
 from benchmarks.fidelity import SCORERS, fidelity_targets

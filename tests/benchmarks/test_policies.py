@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from bench_fixtures import tiny_bench
 
 from benchmarks.policies import greedy, interleaved_prompts, run_policies, slots_for

@@ -10,9 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from bench_fixtures import tiny_bench
 
 from benchmarks.memory import render as render_memory

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from bench_fixtures import tiny_bench
 
 from benchmarks.loadgen import Workload, check_loopback, run_load

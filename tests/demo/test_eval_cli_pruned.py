@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-
 from labelled_pipeline import build_labelled_pipeline
 
 from demo.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny
 
-TESTS = Path(__file__).parents[1]
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS / "expert_store"))  # reference.py, the pruned-routing reference
-
-from tiny_models import save_tiny  # noqa: E402
-
-from expert_store.shard import shard_checkpoint  # noqa: E402
+from expert_store.shard import shard_checkpoint
 
 DEVICE_ENV = "TAER_GPU_TESTS_DEVICE"
 

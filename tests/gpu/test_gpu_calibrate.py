@@ -3,14 +3,8 @@ in-memory calibration on the CPU."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "retrieval"))
-
 from test_calibrate import _store, _tasks  # the CPU test's tiny store and tasks
 
 from retrieval.calibrate import CalibrationOptions, calibrate

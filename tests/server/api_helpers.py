@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+from fake_engine import FakeEngine, FakeTokenizer
 
 from server.app import create_app
-from server.fake_engine import FakeEngine, FakeTokenizer
 from server.settings import ServerSettings
 
 DONE = "[DONE]"

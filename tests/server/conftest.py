@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from api_helpers import app_client
+from fake_engine import FakeEngine
 
-from server.fake_engine import FakeEngine
 from server.settings import ServerSettings
 
 

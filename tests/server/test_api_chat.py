@@ -6,9 +6,9 @@ import time
 
 import pytest
 from api_helpers import DONE, app_client, assert_openai_error, chat_body, chat_prompt_tokens, sse_data
+from fake_engine import FakeEngine, FakeEngineConfig
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from server.fake_engine import FakeEngine, FakeEngineConfig
 from server.settings import SamplingDefaults, ServerSettings
 
 pytestmark = pytest.mark.anyio

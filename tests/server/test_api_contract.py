@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from fake_engine import EOS_ID, FakeEngine, FakeEngineConfig
 
 from expert_store.errors import RequestError, TaerError
 from server.engine_api import Engine, GenerationRequest, SamplingParams, TaerOptions
-from server.fake_engine import EOS_ID, FakeEngine, FakeEngineConfig
 from server.settings import SamplingDefaults, ServerSettings
 
 

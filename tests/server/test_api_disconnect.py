@@ -8,9 +8,9 @@ import json
 from typing import Any
 
 import pytest
+from fake_engine import FakeEngine, FakeEngineConfig
 
 from server.app import create_app
-from server.fake_engine import FakeEngine, FakeEngineConfig
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio

@@ -6,11 +6,11 @@ import time
 
 import pytest
 from api_helpers import app_client, chat_body
+from fake_engine import FakeEngine
 from openai.types import Model
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from server.fake_engine import FakeEngine
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +45,9 @@ async def test_patterns_is_the_engines_description(client, engine):
     response = await client.get("/v1/taer/patterns")
     assert response.status_code == 200
     assert response.json() == engine.describe()
-    assert response.json()["active_task"] == "sort"
+    described = response.json()
+    assert described["tasks"] == engine.task_names()
+    assert described["cache"]["misses"] == engine.config.experts_per_pattern  # "sort" loaded once
 
 
 async def test_metrics(client):

@@ -8,9 +8,9 @@ import json
 
 import pytest
 from api_helpers import DONE, app_client, assert_openai_error, chat_body, sse_data
+from fake_engine import FakeEngine, FakeEngineConfig
 
 from expert_store.errors import CorruptExpertError, QueueFullError
-from server.fake_engine import FakeEngine, FakeEngineConfig
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from api_helpers import app_client, assert_openai_error, chat_body
-
-from server.fake_engine import FakeEngine
+from fake_engine import FakeEngine
 
 pytestmark = pytest.mark.anyio
 

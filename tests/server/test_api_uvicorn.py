@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fake_engine import FakeEngine
 
 from server.app import create_app
-from server.fake_engine import FakeEngine
 from server.settings import ServerSettings
 
 API_KEY = "sesame"

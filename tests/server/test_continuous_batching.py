@@ -4,14 +4,9 @@ and joining never lets a request overtake an older one."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from engine_helpers import greedy_request, started_engine
 from pipeline import build_pipeline
 

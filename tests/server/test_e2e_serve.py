@@ -16,9 +16,6 @@ import httpx
 import openai
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from pipeline import build_pipeline
 
 from expert_store.runtime import RuntimeConfig, load_runtime

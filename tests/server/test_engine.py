@@ -4,14 +4,9 @@ never changes an answer, aborts free their place, sampling is reproducible."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from engine_helpers import chat_ids, started_engine
 from pipeline import build_pipeline
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
 from engine_helpers import greedy_request, started_engine
 from pipeline import build_pipeline
 

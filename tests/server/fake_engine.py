@@ -2,8 +2,9 @@
 
 It "generates" the request's ``retrieval_text`` (the last user message, or the prompt) one
 character per token, echoed or reversed, then an end-of-sequence token. With ``ignore_eos`` it
-repeats the text until ``max_tokens``. It honours ``max_tokens``, stop strings (held back while
-they may be forming, never returned), aborts and delays, "retrieves" a task by looking for a task
+repeats the text until ``max_tokens``. It honours ``max_tokens``, stop strings (through the real
+``server.detokenizer.IncrementalDetokenizer``: held back while they may be forming, never
+returned), aborts and delays, "retrieves" a task by looking for a task
 name in the text, and records what it was asked so tests can check it. Tokens are Unicode code
 points; ids 0-2 are special.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from expert_store.errors import EngineNotReadyError, QueueFullError, UnknownTaskError
+from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import GenerationOutput, GenerationRequest, RoutingInfo, SamplingParams, Tokenizer
 from server.metrics import EngineMetrics
 
@@ -143,10 +145,10 @@ class FakeEngine:
 
     def describe(self) -> dict[str, Any]:
         resident = sorted(self._resident)
+        # Only keys the real engine's describe() reports too.
         return {
             "model": self.model_name,
             "tasks": self.task_names(),
-            "active_task": self._active_task,
             "resident_experts": {
                 str(layer): [e for e in range(len(resident) * self.config.experts_per_pattern)]
                 for layer in range(self.config.num_layers)
@@ -194,7 +196,9 @@ class FakeEngine:
         fault, self._fault = self._fault, None
         routing = self._route(request)
         script = _script(request.retrieval_text, self.config.script, request.sampling)
-        stops = _StopMatcher(request.sampling.stop)
+        # The script is characters whatever tokenizer the test handed in, so stop strings are
+        # matched by the real detokenizer over the characters' own tokenizer.
+        stops = IncrementalDetokenizer(FakeTokenizer(), request.sampling.stop)
         limit = min(request.sampling.max_tokens, self.max_model_len - len(request.prompt_token_ids))
         out = _OutputBuilder(request, routing)
         for step, char in enumerate(script):
@@ -206,7 +210,8 @@ class FakeEngine:
             if char is None:  # end of sequence
                 yield out.finish([EOS_ID], stops.flush(), "stop")
                 return
-            text, matched = stops.feed(char)
+            delta = stops.push(ord(char))
+            text, matched = delta.text, delta.stop
             if matched is not None:
                 yield out.finish([ord(char)], text, "stop", stop_reason=matched)
                 return
@@ -280,34 +285,6 @@ async def _aborted_within(event: asyncio.Event, delay_s: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
-
-
-class _StopMatcher:
-    """Finds stop strings in the generated text; holds back a tail that may start one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._pending = ""
-
-    def feed(self, char: str) -> tuple[str, str | None]:
-        """The text that is safe to emit now, and the stop string that matched (if any)."""
-        self._pending += char
-        for stop in self._stops:
-            index = self._pending.find(stop)
-            if index >= 0:
-                text, self._pending = self._pending[:index], ""
-                return text, stop
-        keep = max(
-            (k for stop in self._stops for k in range(1, len(stop)) if self._pending.endswith(stop[:k])),
-            default=0,
-        )
-        cut = len(self._pending) - keep
-        text, self._pending = self._pending[:cut], self._pending[cut:]
-        return text, None
-
-    def flush(self) -> str:
-        text, self._pending = self._pending, ""
-        return text
 
 
 class _OutputBuilder:
