@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from benchmarks.common import machine_info, markdown_table, write_json
 from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
 from benchmarks.fidelity_plots import plot_accuracy, plot_tcess_heatmap
-from demo.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for
 from demo.suite import Suite, load_suite
+from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.patterns import PatternSet

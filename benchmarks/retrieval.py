@@ -36,14 +36,14 @@ from benchmarks.common import machine_info, write_json
 from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
 from benchmarks.retrieval_latency import run_latency
 from benchmarks.retrieval_render import MATCHERS, render_retrieval_markdown
-from demo.pruned_eval import SelectionEvaluator, SelectionPolicy
 from demo.suite import Suite, load_suite
+from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy
+from evaluation.router_matcher import RouterMatcher, ensure_router_signatures
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.build import INDEX_SUBDIR
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.encoder import Encoder
 from retrieval.index import TaskIndex
-from retrieval.router_matcher import RouterMatcher, ensure_router_signatures
 from retrieval.selection import Budget
 from retrieval.tasks_file import load_tasks_file
 from retrieval.vote import FALLBACK_TASK

@@ -27,11 +27,16 @@ class TaerEngine:
     """Implements ``server.engine_api.Engine`` over ``EngineCore``."""
 
     def __init__(
-        self, load: Callable[[], EngineParts], max_batch_size: int = 16, max_waiting: int = 256
+        self,
+        load: Callable[[], EngineParts],
+        max_batch_size: int = 16,
+        max_waiting: int = 256,
+        scheduler: str = "fifo",
     ) -> None:
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_waiting = max_waiting
+        self._scheduler = scheduler
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -46,7 +51,7 @@ class TaerEngine:
     def _main(self, metrics) -> None:
         try:
             parts = self._load()
-            self._core = EngineCore(parts, metrics, self._max_batch_size, self._max_waiting)
+            self._core = EngineCore(parts, metrics, self._max_batch_size, self._max_waiting, self._scheduler)
             self._ready.set()
             logger.info("engine ready: %s", parts.model_name)
             self._core.run_forever()

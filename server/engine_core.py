@@ -24,7 +24,8 @@ from retrieval.service import PatternRouter, RouteRequest
 from server.engine_api import GenerationOutput, RoutingInfo
 from server.model_runner import BatchRunner
 from server.sampling import make_generator, next_token
-from server.scheduler import Scheduler, Sequence
+from server.scheduler import Sequence
+from server.switch_scheduler import make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,17 @@ class EngineParts:
 
 
 class EngineCore:
-    def __init__(self, parts: EngineParts, metrics, max_batch_size: int = 16, max_waiting: int = 256) -> None:
+    def __init__(
+        self,
+        parts: EngineParts,
+        metrics,
+        max_batch_size: int = 16,
+        max_waiting: int = 256,
+        scheduler: str = "fifo",
+    ) -> None:
         self.parts = parts
         self.metrics = metrics
-        self.scheduler = Scheduler(parts.runtime.num_slots, max_batch_size, max_waiting)
+        self.scheduler = make_scheduler(scheduler, parts.runtime.num_slots, max_batch_size, max_waiting)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.batch: list[Sequence] = []
         self.runner: BatchRunner | None = None

@@ -6,11 +6,13 @@ batch ever waits on another's experts. While a batch runs, waiting requests that
 it (continuous batching), in arrival order; one that does not fit (another task's experts, when the
 slots hold one task) is passed over, but at most ``max_overtakes`` times: then joining stops, the
 running batch drains and the oldest waiting request leads the next one. A request therefore waits
-for a bounded number of others, never indefinitely.
+for a bounded number of others, never indefinitely. This is the ``fifo`` policy; the
+``switch-aware`` one (``server/switch_scheduler.py``) serves one task for a quantum before switching.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ class Sequence:
     finished: bool = False
     experts_loaded: int = 0
     experts_reused: int = 0
+    arrived: float = field(default_factory=time.monotonic)  # when the engine received it
+    switches_waited: int = 0  # switch-aware policy: switches to other tasks while this one waited
 
     @property
     def request_id(self) -> str:

@@ -2,7 +2,7 @@
 
 MODEL_DIR is a Hugging Face checkpoint directory or a taer store (it has ``manifest.json``; it loads
 through the runtime). With a store and ``--patterns DIR`` plus a budget, every task runs under a
-retained set (see :mod:`demo.pruned_eval`): its own pattern by default (the oracle), one pattern for
+retained set (see :mod:`evaluation.pruned_eval`): its own pattern by default (the oracle), one pattern for
 all (``--task``), another table (``--scorer``), a random set (``--random``), or, with ``--retrieve``,
 the pattern that retrieval picks for each prompt (held-out phrasings by default).
 """
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_pruned(args: argparse.Namespace, suite, split: str, tasks_file: Path) -> tuple[EvalResult, dict]:
     """Evaluate under the selection the arguments describe: the result and its JSON document."""
-    from demo.pruned_eval import SelectionEvaluator, SelectionPolicy, make_retriever
+    from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy, make_retriever
     from retrieval.calibrate import load_patterns_for_store
     from retrieval.selection import Budget
 

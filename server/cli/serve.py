@@ -63,6 +63,13 @@ def register(subparsers) -> None:
     parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")
     parser.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256, int))
     parser.add_argument("--max-batch-size", type=int, default=_env("MAX_BATCH_SIZE", 16, int))
+    parser.add_argument(
+        "--scheduler",
+        choices=["fifo", "switch-aware"],
+        default=_env("SCHEDULER", "fifo"),
+        help="batching policy: fifo (the oldest request leads) or switch-aware (a task keeps the "
+        "slots for a bounded quantum) (TAER_SCHEDULER)",
+    )
     parser.add_argument("--device", default=_env("DEVICE", "cpu"))
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=_env("DTYPE"))
     parser.add_argument(
@@ -115,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     )
     check_serve_config(config)
     engine = TaerEngine(
-        lambda: load_engine_parts(config), max_batch_size=args.max_batch_size, max_waiting=args.max_queue
+        lambda: load_engine_parts(config),
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_queue,
+        scheduler=args.scheduler,
     )
     settings = ServerSettings(
         host=args.host,

@@ -7,8 +7,8 @@ import json
 import pytest
 from labelled_pipeline import build_labelled_pipeline
 
-from demo.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for
 from demo.suite import load_suite
+from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for
 from expert_store.runtime import load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.selection import Budget, random_selection

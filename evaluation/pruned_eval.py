@@ -274,7 +274,7 @@ def make_retriever(
         index = TaskIndex.load(index_dir or Path(patterns_dir) / INDEX_SUBDIR, Encoder.load(encoder))
         return lambda texts: [result.task for result in index.query(list(texts))]
     if matcher == "router":
-        from retrieval.router_matcher import RouterMatcher, ensure_router_signatures
+        from evaluation.router_matcher import RouterMatcher, ensure_router_signatures
         from retrieval.tasks_file import load_tasks_file
 
         signatures = ensure_router_signatures(runtime, patterns_dir, load_tasks_file(tasks_file))

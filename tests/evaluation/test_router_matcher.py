@@ -6,9 +6,7 @@ import pytest
 import torch
 from pipeline import TASK_PROMPTS, build_pipeline
 
-from expert_store.errors import PatternError
-from expert_store.runtime import RuntimeConfig, load_runtime
-from retrieval.router_matcher import (
+from evaluation.router_matcher import (
     SUBDIR,
     RouterMatcher,
     RouterSignatures,
@@ -17,6 +15,8 @@ from retrieval.router_matcher import (
     prompt_signatures,
     request_text,
 )
+from expert_store.errors import PatternError
+from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.tasks_file import load_tasks_file
 
 
