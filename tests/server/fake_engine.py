@@ -97,6 +97,9 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
         self.closed: list[str] = []
+        # When an Event, each generation waits for it (or its abort) before its first token: a test
+        # holds requests in flight for as long as it needs instead of racing a timer.
+        self.gate: asyncio.Event | None = None
         self._tokenizer = tokenizer or FakeTokenizer()
         self._abort_events: dict[str, asyncio.Event] = {}
         self._resident: set[str] = set()
@@ -201,6 +204,8 @@ class FakeEngine:
         stops = IncrementalDetokenizer(FakeTokenizer(), request.sampling.stop)
         limit = min(request.sampling.max_tokens, self.max_model_len - len(request.prompt_token_ids))
         out = _OutputBuilder(request, routing)
+        if self.gate is not None:
+            await _first_set(self.gate, abort_event)
         for step, char in enumerate(script):
             if fault is not None and step == fault.after_tokens:
                 raise fault.error
@@ -285,6 +290,15 @@ async def _aborted_within(event: asyncio.Event, delay_s: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 class _OutputBuilder:

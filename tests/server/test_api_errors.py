@@ -186,26 +186,36 @@ async def test_queue_full_in_the_engine_is_429(client, engine):
     assert (await client.post("/v1/chat/completions", json=chat_body())).status_code == 200
 
 
+async def _wait_until(condition, timeout_s: float = 30.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
 async def test_engine_running_at_capacity_is_429(engine):
-    engine = FakeEngine(FakeEngineConfig(max_running=1, token_delay_s=0.05))
+    engine = FakeEngine(FakeEngineConfig(max_running=1))
+    engine.gate = asyncio.Event()  # the first request stays in flight until the gate opens
     async with app_client(engine) as client:
         slow = asyncio.create_task(
             client.post("/v1/completions", json={"prompt": "a slow prompt", "max_tokens": 8})
         )
-        while engine.num_running == 0:
-            await asyncio.sleep(0.01)
+        await _wait_until(lambda: engine.num_running == 1)
         assert_openai_error(await client.post("/v1/completions", json={"prompt": "b"}), 429)
+        engine.gate.set()
         assert (await slow).status_code == 200
 
 
 async def test_server_max_queue_is_429(engine):
-    engine = FakeEngine(FakeEngineConfig(max_running=10, token_delay_s=0.05))
+    engine = FakeEngine(FakeEngineConfig(max_running=10))
+    engine.gate = asyncio.Event()
     async with app_client(engine, ServerSettings(max_queue=1)) as client:
         slow = asyncio.create_task(client.post("/generate", json={"inputs": "a slow prompt"}))
-        while engine.num_running == 0:
-            await asyncio.sleep(0.01)
+        await _wait_until(lambda: engine.num_running == 1)
         error = assert_openai_error(await client.post("/generate", json={"inputs": "b"}), 429)
         assert "max_queue" in error["message"]
+        engine.gate.set()
         assert (await slow).status_code == 200
         assert (await client.post("/generate", json={"inputs": "b"})).status_code == 200  # the slot came back
 

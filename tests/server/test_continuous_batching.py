@@ -158,24 +158,28 @@ async def test_a_request_joins_a_running_one_and_both_answer_as_alone(pipeline):
     async def tokens(stream) -> list[int]:
         return [t async for output in stream for t in output.token_ids]
 
+    # The long request is 60x the short one, so a loaded machine cannot finish it before the short
+    # one (prefill and 5 tokens) has joined and finished.
     long_text, short_text = "Reverse the letters of the word zebra.", "What is 3 plus 10?"
+    long_tokens, short_tokens = 300, 5
     try:
-        long_alone = await tokens(engine.generate(request("la", long_text, 40)))
-        short_alone = await tokens(engine.generate(request("sa", short_text, 5)))
+        long_alone = await tokens(engine.generate(request("la", long_text, long_tokens)))
+        short_alone = await tokens(engine.generate(request("sa", short_text, short_tokens)))
         events: list[str] = []
+        long_is_decoding = asyncio.Event()
 
         async def run(name: str, text: str, max_tokens: int) -> list[int]:
             out = []
             async for output in engine.generate(request(name, text, max_tokens)):
                 out += output.token_ids
+                long_is_decoding.set()
                 if output.finished:
                     events.append(name)
             return out
 
-        long_task = asyncio.create_task(run("long", long_text, 40))
-        while not long_task.done() and engine._core.runner is None:
-            await asyncio.sleep(0.001)  # until the long request is decoding
-        short = await run("short", short_text, 5)
+        long_task = asyncio.create_task(run("long", long_text, long_tokens))
+        await asyncio.wait_for(long_is_decoding.wait(), 60)  # its first token is out
+        short = await run("short", short_text, short_tokens)
         long = await long_task
     finally:
         await engine.shutdown()
