@@ -55,6 +55,13 @@ ran out; ``abort``: the request was aborted (by :meth:`Engine.abort` or an engin
 
 MODES: tuple[str, ...] = get_args(Mode)
 MAX_STOP_STRINGS = 16
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""Bounds on the repetition penalty: the penalised logits stay finite in float32 (5e-324 divided
+them into infinities, and sampling failed on the NaN probabilities that followed)."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""A temperature this small decodes greedily, as vLLM does: dividing the logits by it would
+overflow them to infinity, and the distribution it asks for is the argmax anyway."""
 
 
 @dataclass(slots=True)
@@ -62,8 +69,8 @@ class SamplingParams:
     """How to pick the next token. Validated on construction; a bad field raises
     :class:`RequestError` whose ``param`` names it.
 
-    ``temperature == 0`` means greedy decoding (``top_p``, ``top_k`` and ``seed`` are then
-    irrelevant). ``top_k == 0`` turns top-k off; ``top_p == 1`` turns nucleus sampling off.
+    ``temperature`` below :data:`GREEDY_BELOW_TEMPERATURE` (0 included) means greedy decoding
+    (``top_p``, ``top_k`` and ``seed`` are then irrelevant). ``top_k == 0`` turns top-k off; ``top_p == 1`` turns nucleus sampling off.
     ``repetition_penalty`` is the multiplicative (CTRL / Hugging Face) penalty; 1 turns it off.
     ``stop`` strings end generation and are not part of the returned text. ``ignore_eos`` keeps
     generating past the end-of-sequence token until ``max_tokens``.
@@ -84,8 +91,9 @@ class SamplingParams:
         _check_number(self.top_p, "top_p", minimum=0.0, inclusive_minimum=False, maximum=1.0)
         _check_int(self.top_k, "top_k", minimum=0)
         if self.seed is not None:
-            _check_int(self.seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
-        _check_number(self.repetition_penalty, "repetition_penalty", minimum=0.0, inclusive_minimum=False)
+            _check_int(self.seed, "seed", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
+        low, high = REPETITION_PENALTY_RANGE
+        _check_number(self.repetition_penalty, "repetition_penalty", minimum=low, maximum=high)
         self.stop = tuple(self.stop)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
@@ -94,7 +102,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,49 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from server.engine_api import MAX_STOP_STRINGS, MODES, RoutingInfo, TaerOptions
+from server.engine_api import (
+    MAX_STOP_STRINGS,
+    MODES,
+    REPETITION_PENALTY_RANGE,
+    SEED_RANGE,
+    RoutingInfo,
+    TaerOptions,
+)
 
 _TEXT_PART_HINT = "a string or a list of {'type': 'text', 'text': ...} parts"
 
 
-class _EdgeModel(BaseModel):
+def _lone_surrogate(value: Any) -> str | None:
+    """A description of the first lone UTF-16 surrogate in ``value`` (a string, or strings nested in
+    lists and dicts), or ``None``. JSON's ``\\ud800`` escapes decode to such code points, which no
+    tokenizer can encode and no UTF-8 response can carry."""
+    if isinstance(value, str):
+        for index, char in enumerate(value):
+            if "\ud800" <= char <= "\udfff":
+                return f"U+{ord(char):04X} at character {index}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key) if isinstance(key, str) else None
+        if (found := found or _lone_surrogate(item)) is not None:
+            return found
+    return None
+
+
+class _TextChecked(BaseModel):
+    """Refuses, naming the field, any text holding a lone UTF-16 surrogate. NUL and other control
+    characters are valid Unicode and pass through to the tokenizer, which encodes them."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _refuse_lone_surrogates(cls, value: Any) -> Any:
+        found = _lone_surrogate(value)
+        if found is not None:
+            raise ValueError(f"contains a lone UTF-16 surrogate ({found}); send valid Unicode text")
+        return value
+
+
+class _EdgeModel(_TextChecked):
     """A request body: strict types, unknown fields ignored, unsupported features refused."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -48,7 +85,7 @@ def _stop_list(value: Any) -> Any:
     raise ValueError("must be a string or a list of strings")
 
 
-class TaerRequest(BaseModel):
+class TaerRequest(_TextChecked):
     """The ``taer`` extension: force a task's pattern, or choose the expert mode."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -83,9 +120,11 @@ class _OpenAISampling(_EdgeModel):
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(
+        default=None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -124,7 +163,7 @@ class _OpenAISampling(_EdgeModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_TextChecked):
     """One message. Text parts of a list ``content`` are joined with newlines."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -194,11 +233,13 @@ class TgiParameters(_EdgeModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     do_sample: bool = False
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_RANGE[1])
     stop: list[str] | None = None
     details: bool = False
     return_full_text: bool = False
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(
+        default=None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     best_of: Any = None
     typical_p: Any = None
     truncate: Any = None

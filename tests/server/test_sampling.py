@@ -17,6 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from expert_store.errors import RequestError
 from server import sampling
 from server.engine_api import SamplingParams
 
@@ -102,3 +103,27 @@ def test_a_seeded_request_samples_the_same_tokens():
     first = [sampling.next_token(logits, params, [], g) for g in [sampling.make_generator(params)] * 20]
     second = [sampling.next_token(logits, params, [], g) for g in [sampling.make_generator(params)] * 20]
     assert first == second
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-320, seed=1),
+        SamplingParams(temperature=1e308, seed=-5),
+        SamplingParams(temperature=1.0, repetition_penalty=0.01, seed=-(2**63)),
+        SamplingParams(temperature=1.0, repetition_penalty=100.0, seed=2**64 - 1),
+    ],
+)
+def test_extreme_but_allowed_parameters_pick_a_token(params):
+    logits = torch.linspace(-1e3, 1e3, 50)  # [V]
+    token = sampling.next_token(logits.clone(), params, [1, 2, 49], sampling.make_generator(params))
+    assert 0 <= token < 50
+    if params.temperature < 1e-5:
+        assert token == 49  # greedy
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 0.0099, 100.5])
+def test_a_repetition_penalty_outside_the_range_is_refused(penalty):
+    with pytest.raises(RequestError) as caught:
+        SamplingParams(repetition_penalty=penalty)
+    assert caught.value.param == "repetition_penalty"
