@@ -2,9 +2,9 @@
 
 DIR gets ``report.md`` (machine, date, every target met or missed, then each section), a JSON file
 per section and the PNG figures. Sections: expert-memory policies (part 1), taer serve vs a peer
-server (2), memory at keep 100/50/25% (3), fidelity and retrieval (4, their own benchmarks), and
-the expert store. A section that fails, or whose benchmark is not installed, is reported as such and
-the others still run.
+server (2), fifo vs switch-aware scheduling under mixed traffic (2b), memory at keep 100/50/25%
+(3), fidelity and retrieval (4, their own benchmarks), and the expert store. A section that fails,
+or whose benchmark is not installed, is reported as such and the others still run.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.cluster import ClusterSettings
 from benchmarks.common import machine_info, write_json
 from benchmarks.serving import BenchInputs, ServingSettings
 from expert_store.errors import TaerError
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("policies", "server", "memory", "fidelity", "retrieval", "store")
+SECTIONS = ("policies", "server", "cluster", "memory", "fidelity", "retrieval", "store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class ReportSizes:
     keeps: tuple[float, ...] = (0.5, 0.25)
     threads: int = 1
     serving: ServingSettings = field(default_factory=ServingSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     fidelity_args: tuple[str, ...] = ("--limit", "20", "--seeds", "0", "1")
     retrieval_args: tuple[str, ...] = (
         "--sizes",
@@ -68,6 +70,7 @@ QUICK = ReportSizes(
     max_new_tokens=4,
     keeps=(0.5,),
     serving=ServingSettings(clients=(1, 2), rounds=1, min_requests=2, max_tokens=4, time_cap_s=30, peers=()),
+    cluster=ClusterSettings(clients=2, requests=4, max_tokens=3, per_task=1, time_cap_s=60),
     fidelity_args=("--limit", "2", "--seeds", "0", "--keeps", "0.5"),
     retrieval_args=(
         "--sizes",
@@ -166,6 +169,13 @@ class ReportRun:
         section.figures.append(plots.plot_servers(result, self.out / "serving.png").name)
         section.markdown, section.targets = serving.render_servers(result), result["targets"]
 
+    def cluster(self, section: Section) -> None:
+        from benchmarks import cluster
+
+        result = cluster.run_cluster(self.inputs, self.prompts, self.sizes.cluster, self.out / "cluster-logs")
+        write_json(self.out / "cluster.json", result)
+        section.markdown, section.targets = cluster.render(result), result["targets"]
+
     def memory(self, section: Section) -> None:
         from benchmarks import memory, plots
 
@@ -220,6 +230,7 @@ def _read_json(path: Path) -> dict:
 TITLES = {
     "policies": "1. Policies at equal expert memory (demo model, same prompts)",
     "server": "2. Server vs peer: taer serve vs transformers serve, same workload",
+    "cluster": "2b. Mixed traffic: fifo vs switch-aware scheduling at equal expert memory",
     "memory": "3. Memory at keep 100/50/25%",
     "fidelity": "4a. Fidelity: pruned vs full accuracy",
     "retrieval": "4b. Retrieval: accuracy, latency, end to end",
@@ -243,6 +254,7 @@ def build_report(
     runners = {
         "policies": run.policies,
         "server": run.server,
+        "cluster": run.cluster,
         "memory": run.memory,
         "fidelity": run.external("fidelity", sizes.fidelity_args),
         "retrieval": run.external("retrieval", sizes.retrieval_args),

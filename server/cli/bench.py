@@ -14,6 +14,7 @@ BENCHMARKS = {
         "task retrieval accuracy and latency, retrieved vs oracle patterns",
     ),
     "serving": ("benchmarks.serving", "policies at equal expert memory, and taer serve vs a peer server"),
+    "cluster": ("benchmarks.cluster", "mixed traffic: fifo vs switch-aware scheduling (and replicas)"),
     "all": ("benchmarks.report", "every benchmark in one run, with a report.md"),
 }
 
