@@ -23,6 +23,7 @@ from expert_store.errors import EngineNotReadyError
 from server.engine_api import Engine
 from server.errors import ApiError, install_error_handlers, to_api_error
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TgiRequest
 from server.request_run import Admission
 from server.serving_base import ServingContext
@@ -36,10 +37,11 @@ logger = logging.getLogger(__name__)
 HEALTH_PATH = "/health"
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+def create_app(engine: Engine, settings: ServerSettings, metrics: Metrics | None = None) -> FastAPI:
     """The HTTP app serving ``engine``. The lifespan starts the engine (handing it the app's
-    :class:`~server.metrics.EngineMetrics`) and shuts it down."""
-    metrics = Metrics()
+    :class:`~server.metrics.EngineMetrics`) and shuts it down. ``metrics``: a registry prepared by the
+    caller (a cluster's ingress adds its replicas' metrics to it); by default a new one."""
+    metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +62,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app.state.started = int(time.time())
     _add_routes(app)
     install_error_handlers(app)
+    install_openapi(app, engine, app.state.chat.served_model_name)
     known_paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(
         RequestGuard, engine=engine, settings=settings, metrics=metrics, known_paths=known_paths

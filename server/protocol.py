@@ -10,9 +10,9 @@ penalty: they are additive and count-based, and no mapping gives the same distri
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 from server.engine_api import (
     MAX_STOP_STRINGS,
@@ -24,6 +24,39 @@ from server.engine_api import (
 )
 
 _TEXT_PART_HINT = "a string or a list of {'type': 'text', 'text': ...} parts"
+
+# What the "before" validators below accept, published as it is in /openapi.json (pydantic would
+# document only the type they convert to).
+_STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+        {"type": "null"},
+    ],
+    "description": f"a stop string or a list of at most {MAX_STOP_STRINGS}, none empty",
+}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+    ],
+    "description": "one text prompt: a string, or a list holding one string",
+}
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+    ],
+    "description": _TEXT_PART_HINT,
+}
+StopStrings = Annotated[list[str] | None, WithJsonSchema(_STOP_SCHEMA)]
 
 
 def _lone_surrogate(value: Any) -> str | None:
@@ -56,10 +89,17 @@ class _TextChecked(BaseModel):
         return value
 
 
+def _document_unsupported(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Publishes each unsupported field as the enum of its "off" values, with the reason."""
+    for name, (allowed, why) in getattr(model, "unsupported", {}).items():
+        if name in schema.get("properties", {}):
+            schema["properties"][name] = {"enum": list(allowed), "description": why}
+
+
 class _EdgeModel(_TextChecked):
     """A request body: strict types, unknown fields ignored, unsupported features refused."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_document_unsupported)
 
     # field name -> (values that mean "off", why anything else is refused)
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
@@ -88,10 +128,19 @@ def _stop_list(value: Any) -> Any:
 class TaerRequest(_TextChecked):
     """The ``taer`` extension: force a task's pattern, or choose the expert mode."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={  # a task's pattern and the full model exclude each other
+            "not": {
+                "required": ["task", "mode"],
+                "properties": {"task": {"type": "string"}, "mode": {"const": "full"}},
+            }
+        },
+    )
 
     task: str | None = None
-    mode: str | None = None
+    mode: Annotated[str | None, WithJsonSchema({"enum": [*MODES, None]})] = None
 
     @field_validator("mode")
     @classmethod
@@ -121,7 +170,7 @@ class _OpenAISampling(_EdgeModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: list[str] | None = None
+    stop: StopStrings = None
     repetition_penalty: float | None = Field(
         default=None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
     )
@@ -169,7 +218,7 @@ class ChatMessage(_TextChecked):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -206,7 +255,7 @@ class ChatCompletionRequest(_OpenAISampling):
 class CompletionRequest(_OpenAISampling):
     """``POST /v1/completions``: one text prompt (a list holding one string is accepted)."""
 
-    prompt: str
+    prompt: Annotated[str, WithJsonSchema(_PROMPT_SCHEMA)]
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
@@ -234,7 +283,7 @@ class TgiParameters(_EdgeModel):
     top_k: int | None = Field(default=None, ge=0)
     do_sample: bool = False
     seed: int | None = Field(default=None, ge=0, le=SEED_RANGE[1])
-    stop: list[str] | None = None
+    stop: StopStrings = None
     details: bool = False
     return_full_text: bool = False
     repetition_penalty: float | None = Field(
@@ -317,7 +366,7 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
 
 
 class ChatChoice(BaseModel):
