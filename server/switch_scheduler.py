@@ -5,13 +5,17 @@ slots whenever the oldest waiting request belongs to another task: under interle
 batch is a switch. This policy groups waiting requests by task (the route's task; requests that
 restrict nothing, full or exact mode, fit anywhere) and:
 
-- keeps serving the resident task: its new arrivals join the running batch, and it leads the next
-  batch, until ``quantum`` requests have been admitted since the switch to it. The quantum counts
-  requests, not seconds or tokens, so that it does not depend on how fast the machine is: one
-  quantum of 2x the batch size lets two full batches of a task run per switch;
-- when the quantum is spent (and another task waits) or the resident task has no waiting request,
-  the running batch drains and the next task is the one with the highest total waiting time
-  (the sum over its waiting requests: the oldest request's wait and the queue's size both raise it);
+- serves the resident task for a bounded quantum: its new arrivals join the running batch until
+  ``quantum`` requests have been admitted since the switch to it; then, if another task waits on
+  the slots, joining stops and the batch drains. The quantum counts requests, not seconds or
+  tokens, so that it does not depend on how fast the machine is: 2x the batch size lets two full
+  batches of a task run per switch;
+- leads each new batch with the task of highest total waiting time (the sum over its waiting
+  requests, so the oldest request's wait and the queue's size both raise it), the resident task
+  excluded once its quantum is spent. A variant that kept the resident task leading until its
+  quantum was spent, whatever waited elsewhere, cut no switches in a closed-loop simulation (6
+  tasks, one fits the slots, 16 or 64 clients: the resident queue empties before the quantum) and
+  lengthened the p99 wait by a fifth to a half;
 - never starves: every switch that leaves a request waiting counts against it, and a request that
   has waited through ``max_switches`` switches makes its task the next one (oldest such first). A
   request thus waits for at most ``max_switches + 1`` quanta of other requests.
@@ -84,11 +88,10 @@ class SwitchAwareScheduler(Scheduler):
         starved = [s for s in self.waiting if s.switches_waited >= self.max_switches]
         if starved:
             return _task(min(starved, key=lambda s: s.arrived))
-        waiting_tasks = {_task(s) for s in self.waiting}
-        current = self.resident & waiting_tasks
-        if current and self.admitted_since_switch < self.quantum:
-            return min(current, key=lambda t: self._oldest(t))
-        others = waiting_tasks - self.resident  # a spent quantum switches when another task waits
+        waiting_tasks = list(dict.fromkeys(_task(s) for s in self.waiting))  # in arrival order
+        spent = self.admitted_since_switch >= self.quantum
+        others = [t for t in waiting_tasks if t not in self.resident] if spent else []
+        # A spent quantum hands over; among equal scores the task that arrived first wins.
         return max(others or waiting_tasks, key=self._score)
 
     def _score(self, task: TaskKey) -> tuple[float, float]:
@@ -96,9 +99,6 @@ class SwitchAwareScheduler(Scheduler):
         now = self.clock()
         waits = [now - s.arrived for s in self.waiting if _task(s) == task]
         return sum(waits), max(waits)
-
-    def _oldest(self, task: TaskKey) -> float:
-        return min(s.arrived for s in self.waiting if _task(s) == task)
 
     def _switch_to(self, task: TaskKey) -> None:
         """A switch: every request of another task left waiting has now waited through one more."""

@@ -5,6 +5,7 @@ together batch together; and on the real engine, greedy answers do not depend on
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from server.loading import ServeConfig
 from server.scheduler import Scheduler, Sequence
 from server.switch_scheduler import SwitchAwareScheduler, make_scheduler
 
-# Two slots per layer; each task needs two experts: no two tasks fit together (but a, b below share).
-SELECTIONS = {"a": {0: [0, 1]}, "b": {0: [2, 3]}, "c": {0: [4, 5]}, "a1": {0: [0]}, "a2": {0: [1]}}
+# Two slots per layer; each task needs two experts: no two tasks fit together (a1 and a2 share a's).
+SELECTIONS = {t: {0: [2 * i, 2 * i + 1]} for i, t in enumerate("abcdef")} | {"a1": {0: [0]}, "a2": {0: [1]}}
 
 
 class Clock:
@@ -53,11 +54,18 @@ def _tasks(batch: list[Sequence]) -> list[str]:
     return [s.route.task for s in batch]
 
 
-def test_a_task_keeps_the_slots_for_its_quantum_then_switches():
+def test_a_spent_quantum_hands_the_slots_to_another_task():
     scheduler, _ = _scheduler(quantum=4, batch=2)
-    _add(scheduler, "a b a b a b a b a b")  # interleaved: fifo would switch at every batch
-    served = [_tasks(scheduler.form_batch()) for _ in range(5)]
-    assert served == [["a", "a"], ["a", "a"], ["b", "b"], ["b", "b"], ["a"]]
+    _add(scheduler, "a a a a a a a b")  # a's queue outweighs b's throughout
+    served = [_tasks(scheduler.form_batch()) for _ in range(4)]
+    assert served == [["a", "a"], ["a", "a"], ["b"], ["a", "a"]]
+
+
+def test_interleaved_tasks_are_served_in_runs_not_alternately():
+    scheduler, _ = _scheduler(quantum=4, batch=2)
+    _add(scheduler, "a b a b a b a b")  # each batch takes one task's waiting requests
+    served = [_tasks(scheduler.form_batch()) for _ in range(4)]
+    assert served == [["a", "a"], ["b", "b"], ["a", "a"], ["b", "b"]]
 
 
 def test_new_arrivals_of_the_resident_task_join_until_the_quantum_is_spent():
@@ -150,6 +158,42 @@ def test_the_policy_is_chosen_by_name():
     assert isinstance(make_scheduler("switch-aware", 4, 2, 8), SwitchAwareScheduler)
     with pytest.raises(ValueError, match="unknown scheduler"):
         make_scheduler("lifo", 4, 2, 8)
+
+
+def _closed_loop(scheduler: Scheduler, clock: Clock, clients: int, total: int = 400) -> tuple[float, int]:
+    """Simulated engine steps: ``clients`` each keep one request of a random task (6 tasks, one fits
+    the slots) in flight; every request decodes 16 steps. Returns (switches per 100 requests, the
+    longest wait in steps)."""
+    rng = random.Random(0)
+
+    def submit(i: int) -> Sequence:
+        return _sequence(f"r{i}", rng.choice("abcdef"), clock.now)
+
+    scheduler.waiting.extend(submit(i) for i in range(clients))
+    batch, resident, switches, done, longest, left = [], set(), 0, 0, 0, {}
+    while done < total:
+        joined = scheduler.form_batch(running=batch) if batch else scheduler.form_batch()
+        longest = max([longest, *(clock.now - s.arrived for s in joined)])
+        left |= {s.request_id: 16 for s in joined}
+        batch += joined
+        tasks = {s.route.task for s in batch}
+        switches, resident = switches + len(tasks - resident), tasks
+        clock.now += 1
+        for s in batch:
+            left[s.request_id] -= 1
+        finished = [s for s in batch if not left[s.request_id]]
+        batch = [s for s in batch if left[s.request_id]]
+        scheduler.waiting.extend(submit(done + clients + i) for i in range(len(finished)))
+        done += len(finished)
+    return 100 * switches / done, longest
+
+
+@pytest.mark.parametrize("clients", [16, 64])
+def test_under_closed_loop_mixed_traffic_switches_and_waits_are_no_worse_than_fifo(clients):
+    fifo_clock, aware_clock = Clock(), Clock()
+    fifo = _closed_loop(Scheduler(2, 16, 256), fifo_clock, clients)
+    aware = _closed_loop(SwitchAwareScheduler(2, 16, 256, clock=aware_clock), aware_clock, clients)
+    assert aware[0] <= fifo[0] and aware[1] <= fifo[1]
 
 
 @pytest.fixture(scope="module")
