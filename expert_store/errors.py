@@ -34,11 +34,14 @@ class CorruptExpertError(StoreError):
     """An expert's bytes do not match the checksum the manifest recorded."""
 
     def __init__(self, path: str, layer: int, expert: int, detail: str = "checksum mismatch") -> None:
-        self.path, self.layer, self.expert = path, layer, expert
+        self.path, self.layer, self.expert, self.detail = path, layer, expert, detail
         super().__init__(
             f"corrupt expert (layer {layer}, expert {expert}) in {path}: {detail}; "
             "re-run `taer shard` on the original checkpoint to rebuild the store"
         )
+
+    def __reduce__(self):  # pickled whole, so that it crosses processes (a cluster's replicas)
+        return type(self), (self.path, self.layer, self.expert, self.detail)
 
 
 # Runtime -------------------------------------------------------------------------------------------
@@ -87,6 +90,9 @@ class RequestError(TaerError):
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         self.param, self.status = param, status
         super().__init__(message)
+
+    def __reduce__(self):  # pickled whole, so that it crosses processes (a cluster's replicas)
+        return type(self), (str(self), self.param, self.status)
 
 
 class QueueFullError(TaerError):

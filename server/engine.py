@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from expert_store.errors import EngineNotReadyError, TaerError
+from retrieval.service import Route
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import GenerationOutput, GenerationRequest
 from server.engine_core import EngineCore, EngineParts
@@ -92,7 +93,11 @@ class TaerEngine:
     def max_model_len(self) -> int:
         return self.parts.max_model_len
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(
+        self, request: GenerationRequest, route: Route | None = None
+    ) -> AsyncIterator[GenerationOutput]:
+        """``route``: the request's route when the caller already retrieved it (a cluster's ingress);
+        ``None`` routes it here."""
         if not self.is_ready:
             raise EngineNotReadyError("the model is still loading")
         loop = asyncio.get_running_loop()
@@ -101,6 +106,7 @@ class TaerEngine:
             request=request,
             emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            route=route,
         )
         self._core.submit(sequence)
         finished = False

@@ -75,7 +75,10 @@ class EngineCore:
                 raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
             self.num_waiting += 1
             self._unadded.add(sequence.request_id)
-        self._to_route.put(sequence)
+        if sequence.route is not None:  # routed by the caller (the cluster's ingress): no retrieval here
+            self.inbox.put(("add", sequence))
+        else:
+            self._to_route.put(sequence)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))

@@ -94,30 +94,35 @@ def _plan(config: ServeConfig) -> tuple[Budget, int]:
         store.close()
 
 
+def patterns_held_at_once(config: ServeConfig) -> int:
+    """How many patterns the slots hold at once if their retained sets were disjoint (at least 1;
+    patterns that share experts fit more)."""
+    budget, slots = _plan(config)
+    store = ExpertStore(config.store_dir)
+    try:
+        per_layer = budget.per_layer(store.layout.num_experts)
+    finally:
+        store.close()
+    return max(1, slots // per_layer)
+
+
 def check_serve_config(config: ServeConfig) -> None:
     """The cheap checks, before the server starts: store, patterns of this model, budget."""
     load_patterns_for_store(config.patterns_dir, config.store_dir)
     _plan(config)
 
 
-def load_engine_parts(config: ServeConfig) -> EngineParts:
+def load_engine_parts(config: ServeConfig, *, with_index: bool = True) -> EngineParts:
+    """The single process's engine, or (``with_index=False``) a cluster replica's, whose requests
+    arrive routed by the ingress: it needs the patterns but not the encoder."""
     patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
     budget, slots = _plan(config)
     runtime = load_runtime(
         config.store_dir,
         RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots),
     )
-    index = _load_index(config)
-    router = PatternRouter(
-        patterns,
-        budget,
-        index,
-        config.mode,
-        adaptive=config.adaptive,
-        merge_close_calls=config.merge_close_calls,
-    )
+    router = _router(config, patterns, budget, _load_index(config) if with_index else None)
     tokenizer = runtime.tokenizer
-    hf_config = runtime.model.config
     eos = runtime.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -128,10 +133,59 @@ def load_engine_parts(config: ServeConfig) -> EngineParts:
         runtime=runtime,
         router=router,
         tokenizer=tokenizer,
-        model_name=Path(runtime.store.manifest.source or config.store_dir).name,
-        max_model_len=int(getattr(hf_config, "max_position_embeddings", 4096)),
+        model_name=_model_name(runtime.store, config),
+        max_model_len=_max_model_len(runtime.model.config),
         eos_token_ids=frozenset(eos_ids),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingParts:
+    """What a cluster's ingress serves with: retrieval and the tokenizer, no model weights."""
+
+    router: PatternRouter
+    tokenizer: object
+    model_name: str
+    max_model_len: int
+    slots_per_layer: int
+
+
+def load_routing_parts(config: ServeConfig) -> RoutingParts:
+    from transformers import AutoConfig, AutoTokenizer
+
+    patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
+    budget, slots = _plan(config)
+    store = ExpertStore(config.store_dir)
+    try:
+        model_name = _model_name(store, config)
+    finally:
+        store.close()
+    return RoutingParts(
+        router=_router(config, patterns, budget, _load_index(config)),
+        tokenizer=AutoTokenizer.from_pretrained(config.store_dir),
+        model_name=model_name,
+        max_model_len=_max_model_len(AutoConfig.from_pretrained(config.store_dir)),
+        slots_per_layer=slots,
+    )
+
+
+def _router(config: ServeConfig, patterns, budget: Budget, index) -> PatternRouter:
+    return PatternRouter(
+        patterns,
+        budget,
+        index,
+        config.mode,
+        adaptive=config.adaptive,
+        merge_close_calls=config.merge_close_calls,
+    )
+
+
+def _model_name(store: ExpertStore, config: ServeConfig) -> str:
+    return Path(store.manifest.source or config.store_dir).name
+
+
+def _max_model_len(hf_config) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", 4096))
 
 
 def _load_index(config: ServeConfig):

@@ -171,14 +171,15 @@ class EngineMetrics:
 
 
 class Metrics:
-    """One app's registry with both halves."""
+    """One app's registry with both halves. A cluster's ingress has no engine of its own
+    (``with_engine=False``): its replicas' engine metrics are added to the registry by a collector."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, *, with_engine: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.server = ServerMetrics(self.registry)
-        self.engine = EngineMetrics(self.registry)
+        self.engine = EngineMetrics(self.registry) if with_engine else None
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

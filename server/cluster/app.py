@@ -1,0 +1,156 @@
+"""The ingress deployment, the application builder and the ``taer serve --replicas`` launcher.
+
+``build_app`` is what both ``taer serve --replicas N`` and a Ray Serve config file (``serve deploy``,
+through :func:`app_builder`) deploy: an ingress serving the single process's FastAPI app over a
+:class:`~server.cluster.remote_engine.RemoteEngine`, bound to the model deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from server.app import create_app
+from server.cluster.remote_engine import RemoteEngine, ReplicaMetricsCollector
+from server.cluster.replica import ReplicaOptions, model_deployment
+from server.cluster.state import NAMESPACE, cluster_state, state_actor_name
+from server.loading import ServeConfig, load_routing_parts, patterns_held_at_once
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+INGRESS_DEPLOYMENT = "TaerIngress"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Everything a taer application on Ray Serve is built from."""
+
+    serve: ServeConfig
+    settings: ServerSettings
+    replicas: ReplicaOptions = field(default_factory=ReplicaOptions)
+    app_name: str = "taer"
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.5
+
+
+@serve.ingress()
+class TaerIngress:
+    """Validates, tokenises, embeds and retrieves (the single process's HTTP app), then generates on
+    a model replica."""
+
+    def __init__(self, model, config: ServeConfig, settings: ServerSettings, app_name: str) -> None:
+        self._engine = RemoteEngine(
+            model, partial(load_routing_parts, config), partial(cluster_state, app_name)
+        )
+        self._engine.load_now()
+        self._settings = settings
+
+    def __serve_build_asgi_app__(self):
+        metrics = Metrics(with_engine=False)
+        metrics.registry.register(ReplicaMetricsCollector(lambda: self._engine.reports))
+        return create_app(self._engine, self._settings, metrics)
+
+
+def build_app(cluster: ClusterConfig):
+    """The Ray Serve application: the ingress bound to ``cluster.replicas.num_replicas`` model replicas."""
+    model = model_deployment(cluster.replicas).bind(cluster.serve, cluster.app_name)
+    ingress = serve.deployment(
+        TaerIngress,
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=cluster.ingress_replicas,
+        # The app's own admission (max_queue) answers 429; Ray Serve must not refuse before it.
+        max_ongoing_requests=cluster.settings.max_queue + 16,
+        ray_actor_options={"num_cpus": cluster.ingress_cpus},
+    )
+    return ingress.bind(model, cluster.serve, cluster.settings, cluster.app_name)
+
+
+def app_builder(args: dict[str, Any]):
+    """For a Ray Serve config file (``import_path: server.cluster.app:app_builder``): ``args`` holds
+    ``store``, ``patterns`` and optionally ``keep``, ``experts_per_layer``, ``expert_memory``,
+    ``mode``, ``device``, ``dtype``, ``api_key``, ``max_queue``, ``served_model_name``,
+    ``replicas``, ``max_batch_size``, ``scheduler``, ``max_ongoing_requests``."""
+    config = ServeConfig(
+        store_dir=Path(args["store"]),
+        patterns_dir=Path(args["patterns"]),
+        keep=args.get("keep"),
+        experts_per_layer=args.get("experts_per_layer"),
+        expert_memory=args.get("expert_memory"),
+        mode=args.get("mode", "pruned"),
+        device=args.get("device", "cuda"),
+        dtype=args.get("dtype"),
+    )
+    settings = ServerSettings(
+        api_key=args.get("api_key"),
+        max_queue=int(args.get("max_queue", 256)),
+        model_name=args.get("served_model_name"),
+    )
+    batch = int(args.get("max_batch_size", 16))
+    replicas = ReplicaOptions(
+        num_replicas=int(args.get("replicas", 1)),
+        max_batch_size=batch,
+        scheduler=args.get("scheduler", "fifo"),
+        max_ongoing_requests=int(args.get("max_ongoing_requests", batch)),
+        patterns_per_replica=patterns_held_at_once(config),
+        num_cpus=float(args.get("replica_cpus", 1.0)),
+        num_gpus=1.0 if config.device.startswith("cuda") else 0.0,
+    )
+    return build_app(ClusterConfig(config, settings, replicas))
+
+
+def run_cluster(cluster: ClusterConfig, ray_address: str | None = None) -> int:
+    """Deploy on a local Ray instance (started here and stopped on exit) or on the cluster at
+    ``ray_address``, serve on ``settings.host:port`` until SIGINT or SIGTERM, then take it down."""
+    settings = cluster.settings
+    local = ray_address is None
+    needed = cluster.replicas.num_replicas * cluster.replicas.num_cpus + cluster.ingress_cpus + 1
+    ray.init(
+        address=ray_address,
+        namespace=NAMESPACE,
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)) if local else None,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    stop = _stop_on_signals()
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(cluster), name=cluster.app_name, route_prefix="/")
+        logger.info(
+            "taer is serving on http://%s:%d with %d model replicas",
+            settings.host,
+            settings.port,
+            cluster.replicas.num_replicas,
+        )
+        stop.wait()
+    finally:
+        logger.info("taking the application down")
+        serve.delete(cluster.app_name)
+        _remove_state(cluster.app_name)
+        if local:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _remove_state(app_name: str) -> None:
+    with contextlib.suppress(ValueError):  # never created
+        ray.kill(ray.get_actor(state_actor_name(app_name), namespace=NAMESPACE))
