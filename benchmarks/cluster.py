@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +50,12 @@ class ClusterSettings:
     time_cap_s: float = 600.0
     device: str = "cpu"
     threads: int | None = None
-    configurations: tuple[str, ...] = ("fifo", "switch-aware")
+    configurations: tuple[str, ...] = (
+        "fifo",
+        "replicas-ray-default",
+        "replicas-task-affinity",
+        "switch-aware",
+    )
 
 
 Launcher = Callable[[BenchInputs, ClusterSettings], ServerSpec]
@@ -68,11 +74,23 @@ def one_replica(scheduler: str) -> Launcher:
     return launch
 
 
-# name -> launcher. Multi-replica configurations (`taer serve --replicas 2 ...`: Ray's default
-# routing, and task affinity) are added here as launchers of their own, e.g.
-#   "replicas-default": two_replicas(routing="default"), "replicas-affinity": two_replicas("affinity")
+def two_replicas(routing: str) -> Launcher:
+    """`taer serve --replicas 2` on a local Ray instance, with ``--replica-routing``. Each replica has
+    the one-replica configuration's slots (two devices' worth of expert memory) and one CPU thread."""
+
+    def launch(inputs: BenchInputs, settings: ClusterSettings) -> ServerSpec:
+        spec = taer_spec(inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, 1)
+        label = f"two replicas on Ray Serve, {routing} routing (keep {settings.keep:.0%} each)"
+        flags = ["--replicas", "2", "--replica-routing", routing]
+        return replace(spec, name=f"replicas-{routing}", label=label, command=[*spec.command, *flags])
+
+    return launch
+
+
 LAUNCHERS: dict[str, Launcher] = {
     "fifo": one_replica("fifo"),
+    "replicas-ray-default": two_replicas("ray-default"),
+    "replicas-task-affinity": two_replicas("task-affinity"),
     "switch-aware": one_replica("switch-aware"),
 }
 
@@ -100,6 +118,19 @@ def read_counters(base_url: str) -> dict[str, float]:
     return totals
 
 
+def settled_counters(base_url: str, deadline_s: float = 15.0) -> dict[str, float]:
+    """The counters once two reads 1.5 s apart agree: a cluster's replicas report them every second."""
+    deadline = time.monotonic() + deadline_s
+    counters = read_counters(base_url)
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        again = read_counters(base_url)
+        if again == counters:
+            break
+        counters = again
+    return counters
+
+
 def measure(
     spec: ServerSpec, make_bodies: Callable[[str], list[dict]], settings: ClusterSettings, log_dir: Path
 ) -> dict:
@@ -114,7 +145,7 @@ def measure(
                 bodies, "/v1/chat/completions", settings.clients, settings.requests, settings.time_cap_s
             )
             result = asyncio.run(run_load(spec.base_url, workload))
-            after = read_counters(spec.base_url)
+            after = settled_counters(spec.base_url)
     except (RuntimeError, OSError, httpx.HTTPError) as error:
         logger.warning("%s: %s", spec.name, error)
         return entry | {"error": str(error)}

@@ -70,7 +70,14 @@ QUICK = ReportSizes(
     max_new_tokens=4,
     keeps=(0.5,),
     serving=ServingSettings(clients=(1, 2), rounds=1, min_requests=2, max_tokens=4, time_cap_s=30, peers=()),
-    cluster=ClusterSettings(clients=2, requests=4, max_tokens=3, per_task=1, time_cap_s=60),
+    cluster=ClusterSettings(
+        clients=2,
+        requests=4,
+        max_tokens=3,
+        per_task=1,
+        time_cap_s=60,
+        configurations=("fifo", "switch-aware"),
+    ),
     fidelity_args=("--limit", "2", "--seeds", "0", "--keeps", "0.5"),
     retrieval_args=(
         "--sizes",

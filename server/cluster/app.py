@@ -43,6 +43,7 @@ class ClusterConfig:
     app_name: str = "taer"
     ingress_replicas: int = 1
     ingress_cpus: float = 0.5
+    task_affinity: bool = True
 
 
 @serve.ingress()
@@ -74,7 +75,7 @@ def build_app(cluster: ClusterConfig):
         max_ongoing_requests=cluster.settings.max_queue + 16,
         ray_actor_options={"num_cpus": cluster.ingress_cpus},
     )
-    return ingress.bind(model, cluster.serve, cluster.settings, cluster.app_name)
+    return ingress.bind(model, cluster.serve, cluster.settings, cluster.app_name, cluster.task_affinity)
 
 
 def app_builder(args: dict[str, Any]):

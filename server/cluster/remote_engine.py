@@ -36,9 +36,17 @@ logger = logging.getLogger(__name__)
 class RemoteEngine:
     """``server.engine_api.Engine`` over a model deployment's handle."""
 
-    def __init__(self, model_handle, load: Callable[[], RoutingParts], state: Callable[[], Any]) -> None:
-        """``state`` returns the cluster's state actor (asked again after a failure)."""
+    def __init__(
+        self,
+        model_handle,
+        load: Callable[[], RoutingParts],
+        state: Callable[[], Any],
+        task_affinity: bool = True,
+    ) -> None:
+        """``state`` returns the cluster's state actor (asked again after a failure);
+        ``task_affinity=False`` leaves the choice of replica to Ray Serve's default router."""
         self._handle = model_handle
+        self._task_affinity = task_affinity
         self._load = load
         self._state = state
         self._parts: RoutingParts | None = None
@@ -118,7 +126,8 @@ class RemoteEngine:
         if not self.is_ready:
             raise EngineNotReadyError("the model is still loading")
         route = await self._route(request)
-        handle = self._handle.options(stream=True, multiplexed_model_id=affinity_key(route))
+        key = affinity_key(route) if self._task_affinity else ""
+        handle = self._handle.options(stream=True, multiplexed_model_id=key)
         stream = handle.generate.remote(request, route)
         self._streams[request.request_id] = stream
         finished = False

@@ -38,7 +38,9 @@ def test_both_schedulers_serve_the_same_traffic_and_nothing_is_lost(tmp_path):
     bench = tiny_bench()
     inputs = BenchInputs(bench.store, bench.patterns, None, bench.tasks)
     prompts = interleaved_prompts(bench.tasks, per_task=2)
-    settings = ClusterSettings(clients=3, requests=6, max_tokens=3, time_cap_s=120)
+    settings = ClusterSettings(
+        clients=3, requests=6, max_tokens=3, time_cap_s=120, configurations=("fifo", "switch-aware")
+    )
     result = run_cluster(inputs, prompts, settings, tmp_path)
     fifo, aware = result["configurations"]
     assert (fifo["name"], aware["name"]) == ("fifo", "switch-aware")
