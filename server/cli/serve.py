@@ -85,6 +85,39 @@ def register(subparsers) -> None:
         help="the encoder's weights: auto is bfloat16 on CPUs with native bfloat16, else float32",
     )
     parser.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"))
+    cluster = parser.add_argument_group("replicas on Ray Serve")
+    cluster.add_argument(
+        "--replicas",
+        type=int,
+        default=_env("REPLICAS", None, int),
+        help="serve with N model replicas on Ray Serve, each with its own expert slots (TAER_REPLICAS); "
+        "without it taer serves in this process and never imports Ray",
+    )
+    cluster.add_argument(
+        "--ray-address",
+        default=_env("RAY_ADDRESS"),
+        help="join this running Ray cluster (TAER_RAY_ADDRESS); default: start a local Ray instance",
+    )
+    cluster.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=_env("REPLICA_CPUS", 1.0, float),
+        help="CPUs each replica reserves, and its torch threads on a CPU device (TAER_REPLICA_CPUS)",
+    )
+    cluster.add_argument(
+        "--replica-max-ongoing",
+        type=int,
+        default=_env("REPLICA_MAX_ONGOING", None, int),
+        help="requests one replica holds before its task spills over to another "
+        "(TAER_REPLICA_MAX_ONGOING; default --max-batch-size)",
+    )
+    cluster.add_argument(
+        "--replica-routing",
+        choices=["task-affinity", "ray-default"],
+        default=_env("REPLICA_ROUTING", "task-affinity"),
+        help="task-affinity: a request goes to a replica holding its pattern (Ray Serve multiplexing); "
+        "ray-default: Ray Serve's own choice by queue length (TAER_REPLICA_ROUTING)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -134,5 +167,30 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         model_name=args.served_model_name,
     )
+    if args.replicas is not None:
+        return _run_cluster(args, config, settings)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _run_cluster(args: argparse.Namespace, config, settings) -> int:
+    from server.cluster.app import ClusterConfig, run_cluster
+    from server.cluster.replica import ReplicaOptions
+    from server.loading import patterns_held_at_once
+
+    if args.replicas < 1:
+        raise TaerError(f"--replicas must be at least 1, got {args.replicas}")
+    on_gpu = config.device.startswith("cuda")
+    replicas = ReplicaOptions(
+        num_replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_queue,
+        scheduler=args.scheduler,
+        max_ongoing_requests=args.replica_max_ongoing or args.max_batch_size,
+        patterns_per_replica=patterns_held_at_once(config),
+        num_cpus=args.replica_cpus,
+        num_gpus=1.0 if on_gpu else 0.0,
+        torch_threads=None if on_gpu else max(1, int(args.replica_cpus)),
+    )
+    cluster = ClusterConfig(config, settings, replicas, task_affinity=args.replica_routing == "task-affinity")
+    return run_cluster(cluster, args.ray_address)

@@ -1,0 +1,246 @@
+"""`taer serve --replicas 2` on a local Ray instance, against the single-process `taer serve` on the
+same store: the same API and greedy answers through the official openai client, task affinity read
+from the replicas' metrics, bad input refused at the ingress, and a replica killed mid-stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import httpx
+import openai
+import pytest
+from pipeline import build_pipeline
+
+pytest.importorskip("ray.serve")
+
+KEY = "k3y"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+ARITHMETIC = "What is 4 plus 11? Add the two numbers."
+REVERSE = "Reverse the letters of the word apple."
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(store, patterns, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "TAER_KEEP": "0.5", "TAER_SLOTS_PER_LAYER": "4", "TAER_API_KEY": KEY}
+    command = [sys.executable, "-m", "server", "serve", str(store), "--patterns", str(patterns)]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(process: subprocess.Popen, url: str, deadline_s: float = 240) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        assert process.poll() is None, "the server exited while starting"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    store, patterns = build_pipeline(tmp_path_factory.mktemp("cluster"))
+    cluster, cluster_url = _start(store, patterns, "--replicas", "2", "--replica-max-ongoing", "2")
+    single, single_url = _start(store, patterns)
+    try:
+        _wait_ready(single, single_url)
+        _wait_ready(cluster, cluster_url)
+        yield cluster_url, single_url
+    finally:
+        _stop(cluster)
+        _stop(single)
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _chat(url: str, text: str, **extra) -> str:
+    reply = _client(url).chat.completions.create(
+        model="ckpt", messages=[{"role": "user", "content": text}], max_tokens=12, temperature=0, **extra
+    )
+    return reply.choices[0].message.content
+
+
+def _replica_requests(url: str) -> dict[str, dict[str, float]]:
+    """task -> replica -> requests served, from the ingress's /metrics."""
+    served: dict[str, dict[str, float]] = defaultdict(dict)
+    text = httpx.get(f"{url}/metrics", headers=HEADERS, timeout=10).text
+    pattern = r'^taer_replica_requests_total\{replica="([^"]+)",task="([^"]+)"\} (\S+)$'
+    for replica, task, value in re.findall(pattern, text, re.MULTILINE):
+        served[task][replica] = float(value)
+    return served
+
+
+def _until(check, deadline_s: float = 30.0):
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def test_answers_equal_the_single_process(servers):
+    cluster, single = servers
+    for text in (ARITHMETIC, REVERSE, "hello there"):
+        assert _chat(cluster, text) == _chat(single, text)
+    streamed = _client(cluster).chat.completions.create(
+        model="ckpt",
+        messages=[{"role": "user", "content": REVERSE}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == _chat(single, REVERSE)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    completion = {
+        "model": "ckpt",
+        "prompt": "<user>Reverse stone\n<assistant>",
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    a = httpx.post(f"{cluster}/v1/completions", json=completion, headers=HEADERS, timeout=60)
+    b = httpx.post(f"{single}/v1/completions", json=completion, headers=HEADERS, timeout=60)
+    assert a.status_code == b.status_code == 200
+    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+    assert a.headers["x-taer-task"] == b.headers["x-taer-task"]
+    tgi = {"inputs": f"<user>{ARITHMETIC}\n<assistant>", "parameters": {"max_new_tokens": 8}}
+    a = httpx.post(f"{cluster}/generate", json=tgi, headers=HEADERS, timeout=60)
+    b = httpx.post(f"{single}/generate", json=tgi, headers=HEADERS, timeout=60)
+    assert a.status_code == 200 and a.json()["generated_text"] == b.json()["generated_text"]
+
+
+def test_bad_input_is_refused_at_the_ingress_as_by_the_single_process(servers):
+    cluster, single = servers
+    cases = [
+        ({"messages": []}, HEADERS),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, HEADERS),
+        ({"messages": [{"role": "user", "content": "x"}], "taer": {"task": "nope"}}, HEADERS),
+        ({"messages": [{"role": "user", "content": "x"}]}, {}),
+    ]
+    for body, headers in cases:
+        a = httpx.post(f"{cluster}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        b = httpx.post(f"{single}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert a.status_code == b.status_code and 400 <= a.status_code < 500
+        assert a.json()["error"]["param"] == b.json()["error"]["param"]
+
+
+def test_each_task_goes_to_its_own_replica(servers):
+    cluster, _ = servers
+    before = _replica_requests(cluster)
+    for _ in range(10):
+        _chat(cluster, ARITHMETIC)
+        _chat(cluster, REVERSE)
+
+    def counted():
+        served = _replica_requests(cluster)
+        added = {
+            task: {r: n - before.get(task, {}).get(r, 0) for r, n in served.get(task, {}).items()}
+            for task in ("arithmetic", "reverse")
+        }
+        return added if all(sum(added[t].values()) >= 10 for t in added) else None
+
+    added = _until(counted)
+    assert added, "the replicas did not report the requests"
+    home = {task: max(per_replica, key=per_replica.get) for task, per_replica in added.items()}
+    assert home["arithmetic"] != home["reverse"], added
+    for task, per_replica in added.items():
+        assert per_replica[home[task]] >= 8, added  # the first of each may land anywhere
+
+
+def test_a_flooded_task_spills_over_to_the_other_replica(servers):
+    cluster, _ = servers
+    before = _replica_requests(cluster).get("reverse", {})
+    body = {
+        "messages": [{"role": "user", "content": REVERSE}],
+        "max_tokens": 100,
+        "ignore_eos": True,
+        "taer": {"task": "reverse"},
+    }
+
+    def one(_):
+        return httpx.post(
+            f"{cluster}/v1/chat/completions", json=body, headers=HEADERS, timeout=120
+        ).status_code
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(16)))
+    assert statuses == [200] * 16
+
+    def spread():
+        served = _replica_requests(cluster).get("reverse", {})
+        added = {r: n - before.get(r, 0) for r, n in served.items()}
+        return added if sum(added.values()) >= 16 else None
+
+    added = _until(spread)
+    assert added and len([r for r, n in added.items() if n > 0]) == 2, added
+
+
+def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(servers):
+    cluster, _ = servers
+    body = {
+        "messages": [{"role": "user", "content": REVERSE}],
+        "max_tokens": 190,
+        "ignore_eos": True,
+        "stream": True,
+        "taer": {"task": "reverse"},
+    }
+    replicas = httpx.get(f"{cluster}/v1/taer/patterns", headers=HEADERS, timeout=10).json()["replicas"]
+    pids = {r["replica"]: r["pid"] for r in replicas}
+    served = _replica_requests(cluster)["reverse"]
+    victim = max(served, key=served.get)  # the replica reverse's requests go to
+    events = []
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{cluster}/v1/chat/completions", json=body, headers=HEADERS, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            events.append(line)
+            if len(events) == 3:
+                os.kill(pids[victim], signal.SIGKILL)
+    assert time.monotonic() - started < 60
+    assert any('"error"' in event for event in events[3:]), events[-3:]
+    assert '"finish_reason":"length"' not in "".join(events)
+    # The other replica serves at once; the killed one is restarted by Ray Serve.
+    assert _chat(cluster, ARITHMETIC)
+    assert _chat(cluster, REVERSE, extra_body={"taer": {"task": "reverse"}})
