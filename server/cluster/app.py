@@ -51,9 +51,11 @@ class TaerIngress:
     """Validates, tokenises, embeds and retrieves (the single process's HTTP app), then generates on
     a model replica."""
 
-    def __init__(self, model, config: ServeConfig, settings: ServerSettings, app_name: str) -> None:
+    def __init__(
+        self, model, config: ServeConfig, settings: ServerSettings, app_name: str, task_affinity: bool
+    ) -> None:
         self._engine = RemoteEngine(
-            model, partial(load_routing_parts, config), partial(cluster_state, app_name)
+            model, partial(load_routing_parts, config), partial(cluster_state, app_name), task_affinity
         )
         self._engine.load_now()
         self._settings = settings
