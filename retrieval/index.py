@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,7 +51,7 @@ _PROGRESS_MIN = 4 * _CHUNK  # no progress bar for inputs that take well under a 
 class IndexSettings:
     """How the FAISS index is built and searched.
 
-    ``num_threads`` is FAISS's OpenMP thread count (process-wide); it stays low because the index
+    ``num_threads`` is FAISS's OpenMP thread count while it adds or searches; it stays low because the index
     runs beside the model, and one query over 10^5 vectors needs no more. ``projection_shrinkage``:
     the task space's shrinkage (see :class:`TaskProjection`), or None to vote on the encoder's
     vectors directly.
@@ -110,7 +112,6 @@ class TaskIndex:
         self.created = created
         self.rule = rule
         self.settings = settings
-        faiss.omp_set_num_threads(settings.num_threads)
 
     @classmethod
     def from_vectors(
@@ -139,8 +140,7 @@ class TaskIndex:
         faiss.normalize_L2(vectors)
         resolved = settings.resolve_kind(kind, len(vectors))
         index = _new_faiss_index(resolved, encoder.dim, settings)
-        faiss.omp_set_num_threads(settings.num_threads)
-        _add_in_chunks(index, vectors)
+        _add_in_chunks(index, vectors, settings)
         tasks = sorted(set(task_of_vector))
         task_id = {task: i for i, task in enumerate(tasks)}
         labels = np.fromiter((task_id[task] for task in task_of_vector), dtype=np.int32, count=len(vectors))
@@ -186,10 +186,13 @@ class TaskIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [Q, D]
         k = min(k, self.size)
         if self.task_space is None:
-            similarities, ids = self.index.search(vectors, k)  # [Q, k] each
+            with openmp_threads(self.settings.num_threads):
+                similarities, ids = self.index.search(vectors, k)  # [Q, k] each
             cosines = similarities
         else:
-            similarities, ids = self.task_space.index.search(self.task_space.projection.apply(vectors), k)
+            projected = self.task_space.projection.apply(vectors)  # [Q, D]
+            with openmp_threads(self.settings.num_threads):
+                similarities, ids = self.task_space.index.search(projected, k)
             # The encoder's cosine to each neighbour, from the stored vectors: [Q, k]
             stored = self.index.reconstruct_batch(np.maximum(ids, 0).ravel()).reshape(*ids.shape, -1)
             cosines = np.einsum("qkd,qd->qk", stored, vectors)
@@ -353,7 +356,7 @@ class TaskSpace:
         if projection is None:
             return None
         index = _new_faiss_index(kind, vectors.shape[1], settings)
-        _add_in_chunks(index, projection.apply(vectors))
+        _add_in_chunks(index, projection.apply(vectors), settings)
         return cls(projection, index)
 
     @classmethod
@@ -385,8 +388,25 @@ def _new_faiss_index(kind: str, dim: int, settings: IndexSettings) -> faiss.Inde
     return index
 
 
-def _add_in_chunks(index: faiss.Index, vectors: np.ndarray) -> None:
+@contextmanager
+def openmp_threads(count: int) -> Iterator[None]:
+    """Runs FAISS's work on ``count`` OpenMP threads, then gives the calling thread its count back.
+
+    FAISS and torch share one OpenMP runtime whose thread count belongs to the calling thread: left
+    set, FAISS's count would become torch's on that thread, and a matmul summed over fewer threads
+    differs in its last bits, enough to flip a greedy choice between near-equal tokens.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _add_in_chunks(index: faiss.Index, vectors: np.ndarray, settings: IndexSettings) -> None:
     step = 16 * _CHUNK
     starts = range(0, len(vectors), step)
-    for start in tqdm(starts, desc="indexing", unit="chunk", disable=len(vectors) < 16 * _PROGRESS_MIN):
-        index.add(vectors[start : start + step])  # [step, D]
+    with openmp_threads(settings.num_threads):
+        for start in tqdm(starts, desc="indexing", unit="chunk", disable=len(vectors) < 16 * _PROGRESS_MIN):
+            index.add(vectors[start : start + step])  # [step, D]

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from expert_store.errors import EngineNotReadyError
 from server.engine_api import Engine
-from server.errors import ApiError, install_error_handlers, to_api_error
+from server.errors import RETRY_AFTER_S, ApiError, install_error_handlers, to_api_error
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TgiRequest
@@ -31,6 +31,7 @@ from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 from server.serving_tgi import ServingTGI
 from server.settings import ServerSettings
+from server.shutdown import Drain
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +53,28 @@ def create_app(engine: Engine, settings: ServerSettings, metrics: Metrics | None
             await engine.shutdown()
 
     app = FastAPI(title="taer", summary="Task-adaptive expert retrieval for MoE models", lifespan=lifespan)
-    context = ServingContext(engine, settings, metrics.server, Admission(settings.max_queue, metrics.server))
+    admission = Admission(settings.max_queue, metrics.server)
+    context = ServingContext(engine, settings, metrics.server, admission)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.admission = admission
+    app.state.drain = Drain()
     app.state.chat = ServingChat(context)
     app.state.completion = ServingCompletion(context)
     app.state.tgi = ServingTGI(context)
     app.state.started = int(time.time())
     _add_routes(app)
     install_error_handlers(app)
-    install_openapi(app, engine, app.state.chat.served_model_name)
+    install_openapi(app, engine)
     known_paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(
-        RequestGuard, engine=engine, settings=settings, metrics=metrics, known_paths=known_paths
+        RequestGuard,
+        engine=engine,
+        settings=settings,
+        metrics=metrics,
+        known_paths=known_paths,
+        drain=app.state.drain,
     )
     return app
 
@@ -104,6 +113,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get(HEALTH_PATH)
     async def health(raw: Request) -> JSONResponse:
         engine = raw.app.state.engine
+        if raw.app.state.drain.is_draining:
+            return JSONResponse({"status": "stopping"}, status_code=503, headers={"Retry-After": "1"})
         if not engine.is_ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         try:
@@ -122,7 +133,8 @@ def _add_routes(app: FastAPI) -> None:
 class RequestGuard:
     """Pure ASGI middleware in front of every route.
 
-    It refuses, before any body is parsed: a missing or wrong API key (401; ``/health`` exempt),
+    It refuses, before any body is parsed: any request but ``/health`` while the server stops (503
+    with ``Retry-After``), a missing or wrong API key (401; ``/health`` exempt),
     any request but ``/health`` while the engine loads (503), and a declared ``Content-Length``
     over ``max_body_bytes`` (413). It also counts the body as it streams in (a chunked body has no
     length), answers an unexpected exception with a generic 500, and counts every response by
@@ -137,12 +149,14 @@ class RequestGuard:
         settings: ServerSettings,
         metrics: Metrics,
         known_paths: frozenset[str],
+        drain: Drain,
     ) -> None:
         self.app = app
         self.engine = engine
         self.settings = settings
         self.metrics = metrics.server
         self.known_paths = known_paths
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,6 +191,13 @@ class RequestGuard:
     def _refusal(self, scope: Scope) -> ApiError | None:
         if scope["path"] == HEALTH_PATH:
             return None
+        if self.drain.is_draining:
+            return ApiError(
+                503,
+                "the server is shutting down; retry on another replica or after a restart",
+                code="shutting_down",
+                retry_after_s=RETRY_AFTER_S,
+            )
         headers = dict(scope["headers"])
         if self.settings.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
             return ApiError(

@@ -231,10 +231,11 @@ class Engine(Protocol):
         """Context length in tokens: prompt plus generated tokens never exceed it."""
         ...
 
-    async def start(self, metrics: EngineMetrics) -> None:
+    async def start(self, metrics: EngineMetrics | None) -> None:
         """Called once from the app's lifespan before serving. Returns promptly: loading may go on
         in the engine's thread, with ``is_ready`` false until it is done. The engine reports its
-        own figures (queue length, expert loads, ...) through ``metrics``."""
+        own figures (queue length, expert loads, ...) through ``metrics`` (``None`` where the
+        engine's figures come from elsewhere: a cluster's replicas report their own)."""
         ...
 
     async def shutdown(self) -> None:

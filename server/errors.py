@@ -37,6 +37,7 @@ from expert_store.errors import EngineNotReadyError, QueueFullError, RequestErro
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention; no response reaches the client
+RETRY_AFTER_S = 1  # what a 429 or 503 asks a client to wait before trying again
 
 _TYPES = {
     400: "invalid_request_error",
@@ -64,6 +65,7 @@ class ApiError:
     message: str
     param: str | None = None
     code: str | None = None
+    retry_after_s: int | None = None  # sent as Retry-After (429, 503)
 
     @property
     def type(self) -> str:
@@ -73,6 +75,8 @@ class ApiError:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        if self.retry_after_s is not None:
+            headers = {**(headers or {}), "Retry-After": str(self.retry_after_s)}
         return JSONResponse(self.to_dict(), status_code=self.status, headers=headers)
 
     def to_sse(self) -> bytes:
@@ -99,9 +103,16 @@ def _from_taer_error(exc: TaerError) -> ApiError:
     if isinstance(exc, UnknownTaskError):
         return ApiError(404, str(exc), param="taer.task", code="task_not_found")
     if isinstance(exc, QueueFullError):
-        return ApiError(429, str(exc) or "the server is busy; retry later", code="queue_full")
+        return ApiError(
+            429, str(exc) or "the server is busy; retry later", code="queue_full", retry_after_s=RETRY_AFTER_S
+        )
     if isinstance(exc, EngineNotReadyError):
-        return ApiError(503, str(exc) or "the model is still loading; retry later", code="engine_not_ready")
+        return ApiError(
+            503,
+            str(exc) or "the model is still loading; retry later",
+            code="engine_not_ready",
+            retry_after_s=RETRY_AFTER_S,
+        )
     logger.error("engine error while serving a request: %s", exc)
     return ApiError(500, str(exc), code="engine_error")
 

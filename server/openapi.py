@@ -63,8 +63,8 @@ _ERROR_SCHEMA = {
 _CONTEXT_NOTE = "The prompt's tokens plus this must fit the model's context of {} tokens."
 
 
-def install_openapi(app: FastAPI, engine: Engine, served_model_name: str) -> None:
-    """Replaces ``app.openapi`` with the server's schema (built once the engine is ready, since
+def install_openapi(app: FastAPI, engine: Engine) -> None:
+    """Replaces ``app.openapi`` with the server's schema (completed once the engine is ready, since
     the model name, tasks and context length come from it)."""
 
     def openapi() -> dict[str, Any]:
@@ -74,7 +74,7 @@ def install_openapi(app: FastAPI, engine: Engine, served_model_name: str) -> Non
         _exact_request_schemas(schema["components"]["schemas"])
         _document_errors(schema)
         if engine.is_ready:
-            _document_engine(schema["components"]["schemas"], engine, served_model_name)
+            _document_engine(schema["components"]["schemas"], engine, app.state.chat.served_model_name)
             app.openapi_schema = schema
         return schema
 

@@ -85,6 +85,13 @@ def register(subparsers) -> None:
         help="the encoder's weights: auto is bfloat16 on CPUs with native bfloat16, else float32",
     )
     parser.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"))
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=_env("SHUTDOWN_GRACE", 30.0, float),
+        help="seconds the requests in flight may run after SIGTERM before they are ended "
+        "(TAER_SHUTDOWN_GRACE); a second signal exits at once",
+    )
     cluster = parser.add_argument_group("replicas on Ray Serve")
     cluster.add_argument(
         "--replicas",
@@ -131,12 +138,11 @@ def _bytes(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
     from server.engine import TaerEngine
     from server.loading import ServeConfig, check_serve_config, load_engine_parts
     from server.settings import ServerSettings
+    from server.shutdown import serve
 
     if args.store_dir is None or args.patterns is None:
         raise TaerError("give the store directory and --patterns (or TAER_STORE and TAER_PATTERNS)")
@@ -169,8 +175,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.replicas is not None:
         return _run_cluster(args, config, settings)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
-    return 0
+    return serve(create_app(engine, settings), args.host, args.port, args.shutdown_grace)
 
 
 def _run_cluster(args: argparse.Namespace, config, settings) -> int:

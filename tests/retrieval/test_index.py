@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -387,3 +389,32 @@ def test_taer_index_task_space_options(tmp_path, encoder, capsys):
     assert TaskIndex.load(patterns / INDEX_SUBDIR, encoder).task_space is None
     assert main(["index", str(tasks_file), str(patterns), "--shrinkage", "1.5"]) == 2
     assert "--shrinkage must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+_THREADS_SCRIPT = """
+import torch  # first, as in `taer serve`: then FAISS's OpenMP runtime is torch's
+import numpy as np
+from retrieval.index import IndexSettings, TaskIndex
+
+class Encoder:
+    dim = 8
+    fingerprint = None
+
+torch.set_num_threads(2)
+vectors = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+for kind in ("flat", "hnsw"):
+    index = TaskIndex.from_vectors(
+        Encoder(), vectors, [str(i % 4) for i in range(64)], [str(i) for i in range(64)], kind=kind,
+        settings=IndexSettings(num_threads=1),
+    )
+    index.search(vectors[:3])
+    assert torch.get_num_threads() == 2, (kind, torch.get_num_threads())
+"""
+
+
+def test_building_and_searching_leave_torchs_thread_count_alone():
+    # FAISS and torch can share one OpenMP runtime, whose thread count belongs to the calling
+    # thread: an index that left its own count set would change the thread count (so the last bits,
+    # and sometimes a greedy token) of the model run after it on that thread. A fresh process, since
+    # whether the runtime is shared depends on which of the two was imported first.
+    subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], check=True, timeout=120)
