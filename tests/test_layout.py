@@ -43,3 +43,12 @@ def test_no_test_double_or_evaluation_code_in_product_packages():
     for package in PRODUCT:
         names = {path.stem for path in (ROOT / package).rglob("*.py")}
         assert not names & {"fake_engine", "router_matcher", "pruned_eval"}, package
+
+
+def test_test_modules_have_unique_basenames():
+    # The test folders are rootless (no __init__.py): two modules of one basename stop pytest's
+    # collection of the whole suite ("import file mismatch").
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a basename"
+        seen[path.name] = path
