@@ -5,10 +5,15 @@ requests, sent by 16 closed-loop clients. Each configuration is a named launcher
 ``ServerSpec`` of a server on 127.0.0.1; the configurations run one after another on the same
 requests. Per configuration the report gives tokens/s, TTFT p50/p99, pattern switches per 100
 requests and expert bytes loaded per request (the server's own ``/metrics``, read before and after
-the run), requests lost (sent minus completed), and a *projection* of the run's time on a GPU box:
+the run; a cluster sums its replicas'), requests lost (sent minus completed), and a *projection* of the run's time on a GPU box:
 the measured wall time plus the bytes loaded over a 25 or 50 GB/s host-to-device link. The measured
 time here is this machine's (CPU) and already includes copying experts in host memory, so the
 projection is an upper bound on what the link adds, not a GPU measurement.
+
+Every configuration has the same total expert memory: two replicas each get the slots of one
+pattern (``keep`` of each layer's experts), one replica gets twice that on its one device, so that
+it can hold two disjoint patterns at once. Two replicas get one torch thread each, one replica the
+server's default: the same cores either way.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class ClusterSettings:
     clients: int = 16
     requests: int = 96
     max_tokens: int = 16
-    keep: float = 0.5  # every configuration gets the same expert memory
+    keep: float = 0.25  # each task's share of each layer's experts; a replica of two holds one pattern
     per_task: int = 8  # distinct prompts per task to draw from
     seed: int = 0
     time_cap_s: float = 600.0
@@ -61,27 +66,42 @@ class ClusterSettings:
 Launcher = Callable[[BenchInputs, ClusterSettings], ServerSpec]
 
 
+def slots_of_one_pattern(store: Path, keep: float) -> int:
+    """Slots per layer that hold one pattern keeping ``keep`` of each layer's experts."""
+    from expert_store.store import ExpertStore
+    from retrieval.selection import Budget
+
+    opened = ExpertStore(store)
+    try:
+        return Budget(keep=keep).per_layer(opened.layout.num_experts)
+    finally:
+        opened.close()
+
+
 def one_replica(scheduler: str) -> Launcher:
-    """One `taer serve` with the given ``--scheduler``."""
+    """One `taer serve` with the given ``--scheduler`` and the slots of two patterns."""
 
     def launch(inputs: BenchInputs, settings: ClusterSettings) -> ServerSpec:
         spec = taer_spec(
             inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, settings.threads
         )
-        label = f"one taer serve, {scheduler} scheduler (keep {settings.keep:.0%})"
-        return replace(spec, name=scheduler, label=label, command=[*spec.command, "--scheduler", scheduler])
+        slots = 2 * slots_of_one_pattern(inputs.store, settings.keep)
+        label = f"one taer serve, {scheduler} scheduler ({slots} slots/layer)"
+        flags = ["--scheduler", scheduler, "--slots-per-layer", str(slots)]
+        return replace(spec, name=scheduler, label=label, command=[*spec.command, *flags])
 
     return launch
 
 
 def two_replicas(routing: str) -> Launcher:
-    """`taer serve --replicas 2` on a local Ray instance, with ``--replica-routing``. Each replica has
-    the one-replica configuration's slots (two devices' worth of expert memory) and one CPU thread."""
+    """`taer serve --replicas 2` on a local Ray instance, with ``--replica-routing``: each replica
+    has the slots of one pattern and one CPU thread."""
 
     def launch(inputs: BenchInputs, settings: ClusterSettings) -> ServerSpec:
         spec = taer_spec(inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, 1)
-        label = f"two replicas on Ray Serve, {routing} routing (keep {settings.keep:.0%} each)"
-        flags = ["--replicas", "2", "--replica-routing", routing]
+        slots = slots_of_one_pattern(inputs.store, settings.keep)
+        label = f"two replicas on Ray Serve, {routing} routing ({slots} slots/layer each)"
+        flags = ["--replicas", "2", "--replica-routing", routing, "--slots-per-layer", str(slots)]
         return replace(spec, name=f"replicas-{routing}", label=label, command=[*spec.command, *flags])
 
     return launch
@@ -210,10 +230,22 @@ def run_cluster(
 
 
 def cluster_targets(entries: list[dict]) -> list[dict]:
-    """switch-aware: at most half of fifo's switches per 100 requests at equal or better TTFT p99;
+    """task affinity: at most a third of Ray's default routing's expert bytes per request;
+    switch-aware: at most half of fifo's switches per 100 requests at equal or better TTFT p99;
     no configuration loses a request."""
     by_name = {e["name"]: e for e in entries if "error" not in e}
     checks = []
+    default, affinity = by_name.get("replicas-ray-default"), by_name.get("replicas-task-affinity")
+    if default and affinity:
+        ratio = affinity["expert_bytes_per_request"] / max(default["expert_bytes_per_request"], 1e-9)
+        checks.append(
+            {
+                "target": "task affinity expert bytes per request <= 1/3 of Ray default routing's",
+                "measured": ratio,
+                "bound": 1 / 3,
+                "met": ratio <= 1 / 3,
+            }
+        )
     fifo, aware = by_name.get("fifo"), by_name.get("switch-aware")
     if fifo and aware:
         ratio = aware["switches_per_100_requests"] / max(fifo["switches_per_100_requests"], 1e-9)
@@ -276,8 +308,10 @@ def render(result: dict) -> str:
     intro = (
         f"{s['requests']} streaming chat requests, tasks drawn at random (seed {s['seed']}) from "
         f"{s['tasks']} tasks, {s['clients']} closed-loop clients, {s['max_tokens']} tokens each, keep "
-        f"{s['keep']:.0%}, device {s['device']}. Measured times are this machine's; the projection "
-        "columns add the expert bytes loaded over a host-to-device link to the measured time.\n"
+        f"{s['keep']:.0%}, device {s['device']}. Equal total expert memory: one replica holds two "
+        "patterns' slots, each of two replicas one pattern's. Measured times are this machine's; the "
+        "projection columns (a projection, not a measurement) add the expert bytes loaded over a "
+        "host-to-device link to the measured time.\n"
     )
     return intro + markdown_table(headers, rows)
 
@@ -307,7 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument(
+        "--keep", type=float, default=0.25, help="each task's share of each layer's experts (default 0.25)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads per server")
 

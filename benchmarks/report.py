@@ -2,7 +2,7 @@
 
 DIR gets ``report.md`` (machine, date, every target met or missed, then each section), a JSON file
 per section and the PNG figures. Sections: expert-memory policies (part 1), taer serve vs a peer
-server (2), fifo vs switch-aware scheduling under mixed traffic (2b), memory at keep 100/50/25%
+server (2), mixed traffic on one replica and on two Ray Serve replicas (2b), memory at keep 100/50/25%
 (3), fidelity and retrieval (4, their own benchmarks), and the expert store. A section that fails,
 or whose benchmark is not installed, is reported as such and the others still run.
 """
@@ -237,7 +237,7 @@ def _read_json(path: Path) -> dict:
 TITLES = {
     "policies": "1. Policies at equal expert memory (demo model, same prompts)",
     "server": "2. Server vs peer: taer serve vs transformers serve, same workload",
-    "cluster": "2b. Mixed traffic: fifo vs switch-aware scheduling at equal expert memory",
+    "cluster": "2b. Mixed traffic: one replica (fifo, switch-aware) and two on Ray Serve, equal expert memory",
     "memory": "3. Memory at keep 100/50/25%",
     "fidelity": "4a. Fidelity: pruned vs full accuracy",
     "retrieval": "4b. Retrieval: accuracy, latency, end to end",

@@ -61,3 +61,38 @@ def test_a_failed_configuration_is_a_missed_target():
     assert checks == [
         {"target": "x: no request lost", "measured": None, "bound": 0, "met": False, "note": "did not start"}
     ]
+
+
+def test_every_configuration_has_the_same_total_expert_memory():
+    bench = tiny_bench()
+    inputs = BenchInputs(bench.store, bench.patterns, None, bench.tasks)
+    settings = ClusterSettings(keep=0.25)
+
+    def slots(command: list[str]) -> int:
+        return int(command[command.index("--slots-per-layer") + 1])
+
+    one = slots(LAUNCHERS["fifo"](inputs, settings).command)
+    replicas = LAUNCHERS["replicas-task-affinity"](inputs, settings).command
+    assert replicas[replicas.index("--replicas") + 1] == "2"
+    assert (
+        one == 2 * slots(replicas) == 2 * slots(LAUNCHERS["replicas-ray-default"](inputs, settings).command)
+    )
+
+
+def test_the_affinity_target_compares_expert_bytes_with_ray_default_routing():
+    def entry(name: str, bytes_per_request: float) -> dict:
+        return {
+            "name": name,
+            "label": name,
+            "expert_bytes_per_request": bytes_per_request,
+            "requests_lost": 0,
+        }
+
+    (check, *_) = cluster_targets(
+        [entry("replicas-ray-default", 900.0), entry("replicas-task-affinity", 250.0)]
+    )
+    assert check["target"].startswith("task affinity") and check["met"] and check["measured"] == 250 / 900
+    (check, *_) = cluster_targets(
+        [entry("replicas-ray-default", 900.0), entry("replicas-task-affinity", 400.0)]
+    )
+    assert not check["met"]
