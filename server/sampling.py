@@ -27,8 +27,11 @@ def next_token(
     if params.repetition_penalty != 1.0 and seen:
         ids = torch.tensor(sorted(set(seen)), device=logits.device)
         picked = logits[ids]
-        logits[ids] = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+        # Out of place: ``logits`` is a row of the batch's, made under inference mode (in place is
+        # refused there, and would change the batch's logits).
+        logits = logits.index_put(
+            (ids,),
+            torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty),
         )
     if params.is_greedy:
         return int(torch.argmax(logits))
