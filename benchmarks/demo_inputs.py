@@ -14,11 +14,10 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         if args.patterns is None or args.tasks is None:
             raise StoreError("--store needs --patterns and --tasks as well")
         return args.store, args.patterns, args.tasks
-    from demo.build import build_demo
-    from server.cli.quickstart import prepare
+    from demo.prepare import DemoPaths, prepare_demo
 
-    store, patterns = prepare(args.data)
-    return store, patterns, build_demo(args.data / "demo").tasks_file
+    prepared = prepare_demo(DemoPaths.under(args.data))
+    return prepared.store, prepared.patterns, prepared.tasks_file
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -77,11 +77,12 @@ def resolve_inputs(
 ) -> BenchInputs:
     """Explicit paths, or the demo under ``data`` (built, sharded, calibrated and indexed if missing)."""
     if store is None or patterns is None:
-        from server.cli.quickstart import prepare
+        from demo.prepare import DemoPaths, prepare_demo
 
-        store, patterns = prepare(data)
-        checkpoint = checkpoint or data / "demo" / "model"
-        tasks = tasks or data / "demo" / "tasks" / "tasks.yaml"
+        prepared = prepare_demo(DemoPaths.under(data))
+        store, patterns = prepared.store, prepared.patterns
+        checkpoint = checkpoint or prepared.model_dir
+        tasks = tasks or prepared.tasks_file
     if tasks is None:
         raise TaerError("give --tasks (a tasks.yaml with labelled eval prompts) with --store and --patterns")
     return BenchInputs(Path(store), Path(patterns), checkpoint and Path(checkpoint), Path(tasks))

@@ -2,8 +2,9 @@
 # The container's entry point: prepare on first boot, then serve.
 #
 # First boot: when $TAER_STORE has no manifest.json, `taer shard` the checkpoint mounted at
-# $TAER_MODEL (or, when none is mounted, build the built-in demo and shard that); when $TAER_PATTERNS
-# has no patterns.json, `taer calibrate` with $TAER_TASKS (the demo's own tasks file for the demo).
+# $TAER_MODEL; when $TAER_PATTERNS has no patterns.json, `taer calibrate` with $TAER_TASKS. When no
+# checkpoint is mounted, `taer demo prepare` does both for the built-in demo (the library function
+# `taer quickstart` and the benchmarks call: build, shard, calibrate, index, each only when stale).
 # Later boots find both and go straight to `exec taer serve`. Everything is planned and checked
 # before anything runs, so a missing tasks file or GPU is reported at once, not after an hour of
 # sharding.
@@ -54,7 +55,7 @@ drop_empty_taer_vars() {
     done
 }
 
-# Sets model_dir, tasks_file, using_demo and build_demo: where the checkpoint and tasks come from.
+# Sets model_dir, tasks_file and using_demo: where the checkpoint and tasks come from.
 choose_source() {
     local mounted=${TAER_MODEL:-/model}
     if [[ -f $mounted/config.json ]]; then
@@ -73,9 +74,7 @@ choose_source() {
         log "ignoring the tasks file $TAER_TASKS: the demo is calibrated with its own tasks"
     fi
     model_dir=$demo/model
-    tasks_file=$demo/tasks/tasks.yaml
     using_demo=1
-    if [[ ! -f $model_dir/config.json || ! -f $tasks_file ]]; then build_demo=1; fi
 }
 
 check_tasks_file() {
@@ -177,6 +176,34 @@ build_serve_cmd() {
     serve_cmd+=("$@")
 }
 
+# The demo: one command, the library function `taer quickstart` and the benchmarks call.
+prepare_demo() {
+    if ((need_shard)); then remove_stale_shard_output; fi
+    local prepare_cmd=(taer demo prepare --demo "${TAER_DEMO_DIR:-/data/demo}" --store "$store_dir")
+    prepare_cmd+=(--patterns "$patterns_dir")
+    if [[ -n ${TAER_ENCODER:-} ]]; then prepare_cmd+=(--encoder "$TAER_ENCODER"); fi
+    run "${prepare_cmd[@]}"
+}
+
+shard_and_calibrate() {
+    if ((need_shard)); then
+        remove_stale_shard_output
+        local shard_cmd=(taer shard "$model_dir" "$store_dir")
+        # A store without manifest.json is the remains of an interrupted shard: replace it.
+        if [[ -d $store_dir ]] && ! is_empty_dir "$store_dir"; then shard_cmd+=(--force); fi
+        run "${shard_cmd[@]}"
+    else
+        log "reusing the store at $store_dir"
+    fi
+    if ((need_calibrate)); then
+        local calibrate_cmd=(taer calibrate "$store_dir" "$tasks_file" --out "$patterns_dir")
+        if [[ -n ${TAER_ENCODER:-} ]]; then calibrate_cmd+=(--encoder "$TAER_ENCODER"); fi
+        run "${calibrate_cmd[@]}"
+    else
+        log "reusing the patterns at $patterns_dir"
+    fi
+}
+
 main() {
     if [[ $# -gt 0 && $1 != -* ]]; then exec "$@"; fi
     dry_run=${TAER_DRY_RUN:-0}
@@ -194,7 +221,7 @@ main() {
     # Patterns describe one store: a store sharded now gets fresh patterns too.
     if ((need_shard)) || [[ ! -f $patterns_dir/patterns.json ]]; then need_calibrate=1; fi
 
-    model_dir='' tasks_file='' using_demo=0 build_demo=0
+    model_dir='' tasks_file='' using_demo=0
     if ((need_shard || need_calibrate)); then choose_source; fi
     if ((need_calibrate && !using_demo)); then check_tasks_file; fi
     if ((need_shard)); then check_store_writable; else check_store_matches_model; fi
@@ -204,22 +231,10 @@ main() {
         log "no TAER_API_KEY: anyone who can reach port ${TAER_PORT:-8000} can use the server"
     fi
 
-    if ((build_demo)); then run taer demo build --out "${TAER_DEMO_DIR:-/data/demo}"; fi
-    if ((need_shard)); then
-        remove_stale_shard_output
-        local shard_cmd=(taer shard "$model_dir" "$store_dir")
-        # A store without manifest.json is the remains of an interrupted shard: replace it.
-        if [[ -d $store_dir ]] && ! is_empty_dir "$store_dir"; then shard_cmd+=(--force); fi
-        run "${shard_cmd[@]}"
+    if ((using_demo)); then
+        prepare_demo
     else
-        log "reusing the store at $store_dir"
-    fi
-    if ((need_calibrate)); then
-        local calibrate_cmd=(taer calibrate "$store_dir" "$tasks_file" --out "$patterns_dir")
-        if [[ -n ${TAER_ENCODER:-} ]]; then calibrate_cmd+=(--encoder "$TAER_ENCODER"); fi
-        run "${calibrate_cmd[@]}"
-    else
-        log "reusing the patterns at $patterns_dir"
+        shard_and_calibrate
     fi
     if is_true "$dry_run"; then
         run "${serve_cmd[@]}"

@@ -500,40 +500,53 @@ def test_interrupted_shard_is_cleaned_and_replaced(box):
     ]
 
 
+def prepare_demo(box: Box) -> list[str]:
+    return [
+        "taer",
+        "demo",
+        "prepare",
+        "--demo",
+        str(box.demo),
+        "--store",
+        str(box.store),
+        "--patterns",
+        str(box.patterns),
+    ]
+
+
 @pytest.mark.parametrize("mount", ["missing", "empty"])
-def test_no_model_builds_and_serves_the_demo(box, mount):
+def test_no_model_prepares_and_serves_the_demo(box, mount):
     shutil.rmtree(box.model)
     if mount == "empty":  # what docker leaves when the host directory did not exist
         box.model.mkdir()
     result = box.run()
     assert result.returncode == 0, result.stderr
-    assert plan(result) == [
-        ["taer", "demo", "build", "--out", str(box.demo)],
-        ["taer", "shard", str(box.demo / "model"), str(box.store)],
-        [
-            "taer",
-            "calibrate",
-            str(box.store),
-            str(box.demo / "tasks" / "tasks.yaml"),
-            "--out",
-            str(box.patterns),
-        ],
-        serve(box),
-    ]
+    # One command (demo.prepare.prepare_demo, as `taer quickstart` runs it) builds, shards,
+    # calibrates and indexes, each step only when stale.
+    assert plan(result) == [prepare_demo(box), serve(box)]
     assert "demo" in result.stderr
 
 
-def test_a_built_demo_is_not_built_again(box):
+def test_the_demo_index_uses_the_chosen_encoder(box):
     shutil.rmtree(box.model)
-    (box.demo / "model").mkdir(parents=True)
-    (box.demo / "model" / "config.json").write_text("{}")
-    (box.demo / "tasks").mkdir()
-    (box.demo / "tasks" / "tasks.yaml").write_text("tasks: {}\n")
-    assert [command[:2] for command in plan(box.run())] == [
-        ["taer", "shard"],
-        ["taer", "calibrate"],
-        ["taer", "serve"],
-    ]
+    (first, _) = plan(box.run(TAER_ENCODER="/encoders/mine"))
+    assert first == [*prepare_demo(box), "--encoder", "/encoders/mine"]
+
+
+def test_a_prepared_demo_is_only_served(box):
+    shutil.rmtree(box.model)
+    box.store.mkdir(parents=True)
+    (box.store / "manifest.json").write_text("{}")
+    box.finish_patterns()
+    assert plan(box.run()) == [serve(box)]
+
+
+def test_an_interrupted_demo_shard_is_cleaned_before_preparing(box):
+    shutil.rmtree(box.model)
+    box.store.mkdir(parents=True)
+    stale = box.store.parent / ".store.partial-1a2b3c4d"
+    stale.mkdir()
+    assert plan(box.run())[:2] == [["rm", "-rf", "--", str(stale)], prepare_demo(box)]
 
 
 def test_a_model_dir_without_config_is_refused(box):

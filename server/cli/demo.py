@@ -1,4 +1,5 @@
-"""`taer demo build`: train the embedded default MoE and write its task suite (cached)."""
+"""`taer demo build`: train the embedded default MoE and write its task suite (cached).
+`taer demo prepare`: build, shard, calibrate and index it (what the container runs without a model)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
     )
     build.set_defaults(func=run)
+    prepare = actions.add_parser(
+        "prepare",
+        help="build, shard, calibrate and index the demo (each step skipped when up to date)",
+        description="Writes DATA/demo, DATA/store and DATA/patterns (each movable with its own flag).",
+    )
+    prepare.add_argument("--data", type=Path, default=Path(".taer"), help="parent of the three outputs")
+    prepare.add_argument("--demo", type=Path, default=None, help="the demo build (default DATA/demo)")
+    prepare.add_argument("--store", type=Path, default=None, help="the store (default DATA/store)")
+    prepare.add_argument("--patterns", type=Path, default=None, help="patterns (default DATA/patterns)")
+    prepare.add_argument(
+        "--encoder", type=Path, default=None, help="sentence-transformers model directory for the index"
+    )
+    prepare.set_defaults(func=run_prepare)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = BuildSpec(seed=args.seed, train=dataclasses.replace(TrainConfig(), steps=args.steps))
     result = build_demo(args.out, spec=spec, force=args.force)
     print(result.path)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from demo.prepare import DemoPaths, prepare_demo
+
+    default = DemoPaths.under(args.data)
+    paths = DemoPaths(
+        args.demo or default.demo, args.store or default.store, args.patterns or default.patterns
+    )
+    prepared = prepare_demo(paths, encoder_path=args.encoder)
+    print(f"store: {prepared.store}\npatterns: {prepared.patterns}")
     return 0

@@ -1,14 +1,10 @@
-"""`taer quickstart` (what `make run` calls): build the demo model (cached), shard it, calibrate and
-index it, then serve it. Each step is skipped when its output is already there and up to date."""
+"""`taer quickstart` (what `make run` calls): prepare the demo (:func:`demo.prepare.prepare_demo`:
+build, shard, calibrate and index it, each step skipped when up to date), then serve it."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 EXAMPLES = """
 taer is serving the demo model on http://{host}:{port}
@@ -40,48 +36,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def prepare(data: Path) -> tuple[Path, Path]:
-    """(store, patterns) for the demo model under ``data``, rebuilding only what is stale."""
-    from demo.build import build_demo
-    from expert_store.errors import PatternError, StoreError
-    from expert_store.manifest import MANIFEST_FILE
-    from expert_store.shard import shard_checkpoint
-    from retrieval.build import INDEX_SUBDIR, build_index_for_tasks
-    from retrieval.calibrate import calibrate, load_patterns_for_store
-
-    demo = build_demo(data / "demo")
-    store, patterns = data / "store", data / "patterns"
-    manifest = store / MANIFEST_FILE
-    if not manifest.exists() or manifest.stat().st_mtime < (demo.path / "build.json").stat().st_mtime:
-        logger.info("sharding %s -> %s", demo.model_dir, store)
-        shard_checkpoint(demo.model_dir, store, force=True)
-    try:
-        load_patterns_for_store(patterns, store)
-        calibrated = True
-    except (PatternError, StoreError):
-        calibrated = False
-    if not calibrated:
-        logger.info("calibrating %s with %s", store, demo.tasks_file)
-        calibrate(store, demo.tasks_file, patterns)
-    if not calibrated or not _index_is_current(patterns / INDEX_SUBDIR):
-        logger.info("indexing %s", demo.tasks_file)
-        build_index_for_tasks(demo.tasks_file, patterns)
-    return store, patterns
-
-
-def _index_is_current(directory: Path) -> bool:
-    """An index of this taer's format is there (an older one lacks what a rebuild would add)."""
-    from retrieval.index_io import FORMAT_VERSION, METADATA_FILE
-
-    try:
-        metadata = json.loads((directory / METADATA_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(metadata, dict) and metadata.get("format_version") == FORMAT_VERSION
-
-
 def run(args: argparse.Namespace) -> int:
-    store, patterns = prepare(args.data)
+    from demo.prepare import DemoPaths, prepare_demo
+
+    prepared = prepare_demo(DemoPaths.under(args.data))
+    store, patterns = prepared.store, prepared.patterns
     if args.no_serve:
         print(f"store: {store}\npatterns: {patterns}")
         return 0
