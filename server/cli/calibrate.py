@@ -67,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_index:
         from retrieval.build import build_index_for_tasks
 
-        index_dir = build_index_for_tasks(args.tasks_file, args.out, encoder_path=args.encoder)
-        print(f"{index_dir}: retrieval index")
+        built = build_index_for_tasks(args.tasks_file, args.out, encoder_path=args.encoder)
+        print(f"{built.directory}: retrieval index")
     return 0

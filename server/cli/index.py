@@ -7,7 +7,6 @@ Use it to rebuild the index alone (another encoder, other thresholds) without re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 
@@ -48,43 +47,23 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from expert_store.errors import RetrievalIndexError
-    from retrieval.build import INDEX_SUBDIR
-    from retrieval.encoder import Encoder
-    from retrieval.index import DEFAULT_RULE, DEFAULT_SETTINGS, build_task_index
-    from retrieval.task_texts import texts_by_task
-    from retrieval.tasks_file import load_tasks_file
+    from retrieval.build import IndexOptions, build_index_for_tasks
 
-    overrides = {
-        name: getattr(args, name)
-        for name in ("min_confidence", "min_similarity", "close_margin")
-        if getattr(args, name) is not None
-    }
-    try:
-        rule = dataclasses.replace(DEFAULT_RULE, **overrides)
-    except ValueError as error:  # the rule checks its own ranges
-        raise RetrievalIndexError(f"bad retrieval threshold: {error}") from None
-    settings = DEFAULT_SETTINGS
-    if args.hnsw_threshold is not None:
-        settings = dataclasses.replace(settings, hnsw_threshold=args.hnsw_threshold)
-    if args.no_task_space:
-        settings = dataclasses.replace(settings, projection_shrinkage=None)
-    elif args.shrinkage is not None:
-        if not 0.0 <= args.shrinkage <= 1.0:
-            raise RetrievalIndexError(f"--shrinkage must lie in [0, 1], got {args.shrinkage}")
-        settings = dataclasses.replace(settings, projection_shrinkage=args.shrinkage)
-
-    texts = texts_by_task(load_tasks_file(args.tasks_file))
-    encoder = Encoder.load(args.encoder)
-    index = build_task_index(encoder, texts, kind=args.kind, rule=rule, settings=settings)
-    index_dir = index.save(args.patterns_dir / INDEX_SUBDIR)
-    space = (
-        "no task space"
-        if index.task_space is None
-        else f"task space (shrinkage {settings.projection_shrinkage})"
+    options = IndexOptions.with_overrides(
+        args.kind,
+        min_confidence=args.min_confidence,
+        min_similarity=args.min_similarity,
+        close_margin=args.close_margin,
+        hnsw_threshold=args.hnsw_threshold,
+        shrinkage=args.shrinkage,
+        task_space=not args.no_task_space,
     )
+    built = build_index_for_tasks(args.tasks_file, args.patterns_dir, args.encoder, options)
+    index = built.index
+    shrinkage = options.settings.projection_shrinkage
+    space = "no task space" if index.task_space is None else f"task space (shrinkage {shrinkage})"
     print(
-        f"{index_dir}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, {space}, "
+        f"{built.directory}: {index.kind} index, {index.size} texts, {len(index.tasks)} tasks, {space}, "
         f"encoder {index.fingerprint}"
     )
     for text, result in zip(args.query, index.query(args.query), strict=True):
