@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from demo.evaluate import EvalResult, evaluate
 from demo.suite import SPLITS, load_suite
-from expert_store.errors import BudgetError, CheckpointError, SelectionError, StoreError, TasksFileError
+from expert_store.errors import BudgetError, SelectionError, StoreError
+from expert_store.manifest import MANIFEST_FILE
 
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from demo.evaluate import EvalResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,93 +86,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def is_store(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
-
-
-def tasks_file_for(model_dir: Path, tasks: Path | None, patterns: Path | None = None) -> Path:
-    """The tasks file to use: the one given, the one a demo build keeps next to its model (or next to
-    the checkpoint a store was sharded from), or the one the patterns were calibrated with."""
-    if tasks is not None:
-        return tasks
-    candidates = [model_dir.parent / "tasks" / "tasks.yaml"]
-    if is_store(model_dir):
-        source = _read_json(model_dir / MANIFEST).get("source")
-        if source:
-            candidates.append(Path(source).parent / "tasks" / "tasks.yaml")
-    if patterns is not None:
-        recorded = _read_json(patterns / "patterns.json").get("metadata", {}).get("tasks_file")
-        if recorded:
-            candidates.append(Path(recorded))
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise TasksFileError(f"no tasks file at {candidates[0]}; pass --tasks TASKS.yaml")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return document if isinstance(document, dict) else {}
-
-
-@dataclass(slots=True)
-class LoadedModel:
-    """What evaluation runs on; ``runtime`` is set when the model was loaded from a store."""
-
-    model: object
-    tokenizer: object
-    runtime: object | None = None
-
-
-def load_model(model_dir: Path, *, device: str = "cpu", slots_per_layer: int | None = None) -> LoadedModel:
-    """The model MODEL_DIR names: a store through the runtime, or a Hugging Face checkpoint directory."""
-    if is_store(model_dir):
-        from expert_store.runtime import RuntimeConfig, load_runtime
-
-        try:
-            runtime = load_runtime(model_dir, RuntimeConfig(device=device, slots_per_layer=slots_per_layer))
-        except StoreError as error:
-            raise StoreError(f"cannot load the store {model_dir} through the runtime: {error}") from error
-        runtime.model.eval()
-        return LoadedModel(runtime.model, runtime.tokenizer, runtime)
-    if not (model_dir / "config.json").is_file():
-        raise CheckpointError(f"{model_dir} is not a Hugging Face checkpoint directory (no config.json)")
-    # Imported here so that `taer --help` does not pay for transformers.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device)
-    return LoadedModel(model.eval(), tokenizer)
-
-
-def format_table(result: EvalResult, retrieval: dict | None = None) -> str:
-    width = max(len("mean"), *(len(name) for name in result.tasks))
-    extra = f"  {'retrieved':>9}" if retrieval else ""
-    lines = [f"{'task':<{width}}  {'accuracy':>8}  {'n':>5}{extra}"]
-    for name, score in result.tasks.items():
-        extra = f"  {100 * retrieval['tasks'][name]['retrieval_accuracy']:>8.1f}%" if retrieval else ""
-        lines.append(f"{name:<{width}}  {100 * score.accuracy:>7.1f}%  {score.n:>5}{extra}")
-    extra = f"  {'':>5}  {100 * retrieval['retrieval_accuracy']:>8.1f}%" if retrieval else ""
-    lines.append(f"{'mean':<{width}}  {100 * result.mean:>7.1f}%{extra}")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
+    from evaluation.accuracy import EvalRun, evaluate_full, format_table, tasks_file_for
+
     _check_arguments(args)
     split = args.split or ("heldout" if args.retrieve else "eval")
     tasks_file = tasks_file_for(args.model_dir, args.tasks, args.patterns)
     suite = load_suite(tasks_file)
+    run = EvalRun(split, args.limit, args.batch_size, args.device)
     if args.patterns is None:
-        loaded = load_model(args.model_dir, device=args.device)
-        result = evaluate(
-            loaded.model, loaded.tokenizer, suite, split=split, limit=args.limit, batch_size=args.batch_size
-        )
+        result = evaluate_full(args.model_dir, suite, run)
         print(json.dumps(result.to_json()) if args.json else format_table(result))
         return 0
-    result, document = _run_pruned(args, suite, split, tasks_file)
+    result, document = _run_pruned(args, suite, run, tasks_file)
     if args.json:
         print(json.dumps(document))
     else:
@@ -180,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_pruned(args: argparse.Namespace, suite, split: str, tasks_file: Path) -> tuple[EvalResult, dict]:
-    """Evaluate under the selection the arguments describe: the result and its JSON document."""
-    from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy, make_retriever
-    from retrieval.calibrate import load_patterns_for_store
+def _run_pruned(args: argparse.Namespace, suite, run, tasks_file: Path) -> tuple[EvalResult, dict]:
+    from evaluation.accuracy import RetrievalChoice, evaluate_pruned
+    from evaluation.pruned_eval import SelectionPolicy
     from retrieval.selection import Budget
 
     policy = SelectionPolicy(
@@ -194,35 +120,8 @@ def _run_pruned(args: argparse.Namespace, suite, split: str, tasks_file: Path) -
         adaptive=args.adaptive,
         mode=args.mode,
     )
-    patterns = load_patterns_for_store(args.patterns, args.model_dir)
-    num_experts = patterns.general.stats.tcess.shape[1]
-    # Exact mode: the budget is the device's slot count, and misses load on demand.
-    slots = policy.budget.per_layer(num_experts) if args.mode == "exact" else None
-    if slots is not None and slots > num_experts:
-        raise BudgetError(f"{policy.budget.describe()} asks for {slots} experts; the model has {num_experts}")
-    loaded = load_model(args.model_dir, device=args.device, slots_per_layer=slots)
-    evaluator = SelectionEvaluator(
-        loaded.runtime, patterns, suite, split=split, limit=args.limit, batch_size=args.batch_size
-    )
-    if not args.retrieve:
-        result = evaluator.under(policy)
-        document = result.to_json()
-    else:
-        retrieve = make_retriever(
-            args.matcher,
-            loaded.runtime,
-            args.patterns,
-            tasks_file,
-            index_dir=args.index,
-            encoder=args.encoder,
-        )
-        retrieved = evaluator.retrieved(policy, retrieve)
-        result, document = retrieved.result, retrieved.to_json()
-        document["matcher"] = args.matcher
-    document["selection"] = policy.to_json()
-    document["selection_description"] = policy.describe()
-    document["split"] = split
-    return result, document
+    retrieval = RetrievalChoice(args.matcher, args.index, args.encoder) if args.retrieve else None
+    return evaluate_pruned(args.model_dir, args.patterns, suite, tasks_file, policy, run, retrieval)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -241,7 +140,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if given:
             raise SelectionError(f"{', '.join(given)} need(s) --patterns DIR (and MODEL_DIR a store)")
         return
-    if not is_store(args.model_dir):
+    if not (args.model_dir / MANIFEST_FILE).is_file():
         raise StoreError(
             f"{args.model_dir} is not a taer store; pruned evaluation runs on a store: "
             f"`taer shard {args.model_dir} STORE_DIR` first"
