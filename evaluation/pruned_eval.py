@@ -25,6 +25,7 @@ from typing import Literal
 from demo.evaluate import EvalResult, TaskScore, evaluate
 from demo.suite import Example, Suite, TaskData
 from expert_store.errors import PatternError, SelectionError, TasksFileError, UnknownTaskError
+from expert_store.modes import ROUTING_MODES, RoutingMode
 from expert_store.runtime import MoERuntime
 from retrieval.patterns import PatternSet
 from retrieval.selection import Budget, Selection, random_selection
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 Scorer = Literal["tcess", "frequency", "mean_prob", "general"]
 SCORERS: tuple[str, ...] = ("tcess", "frequency", "mean_prob", "general")
-Mode = Literal["pruned", "exact"]
 # Query texts in, one task name per text out (``general`` when retrieval falls back).
 Retrieve = Callable[[Sequence[str]], list[str]]
 
@@ -54,12 +54,12 @@ class SelectionPolicy:
     task: str | None = None
     random_seed: int | None = None
     adaptive: bool = False
-    mode: Mode = "pruned"
+    mode: RoutingMode = "pruned"
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise SelectionError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
-        if self.mode not in ("pruned", "exact"):
+        if self.mode not in ROUTING_MODES:
             raise SelectionError(f"unknown mode {self.mode!r}; use pruned or exact")
         if self.random_seed is not None and (self.adaptive or self.task is not None):
             raise SelectionError("a random selection takes neither --adaptive nor --task")

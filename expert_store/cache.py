@@ -13,17 +13,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import torch
 
 from expert_store.errors import SelectionError
 from expert_store.keys import ExpertKey
 from expert_store.loader import ExpertLoader, SlotBank
+from expert_store.modes import ROUTING_MODES, RoutingMode
 from expert_store.store import ExpertStore
-
-Mode = Literal["pruned", "exact"]
-MODES: tuple[str, ...] = ("pruned", "exact")
 
 
 @dataclass(slots=True)
@@ -108,7 +105,7 @@ class ExpertCache:
         self.layout = store.layout
         self.slots = {layer: LayerSlots(bank.num_slots) for layer, bank in self.banks.items()}
         self.num_slots = next(iter(self.banks.values())).num_slots
-        self.mode: Mode = "exact"
+        self.mode: RoutingMode = "exact"
         self.stats = CacheStats()
         self._allowed: dict[int, torch.Tensor] = {}
         self._row_masks: dict[int, torch.Tensor] | None = None
@@ -117,15 +114,17 @@ class ExpertCache:
 
     # Activation ------------------------------------------------------------------------------------
 
-    def activate(self, selection: Mapping[int, Sequence[int]], mode: Mode = "pruned") -> ActivationReport:
+    def activate(
+        self, selection: Mapping[int, Sequence[int]], mode: RoutingMode = "pruned"
+    ) -> ActivationReport:
         """Make ``selection`` (layer -> expert ids, in priority order) resident and set the mode.
 
         Pruned: routing is restricted to the selection, which must hold between top-k and the slot
         count of experts in every MoE layer. Exact: the selection is a prefetch hint (the first
         ``slots`` experts of each layer are loaded); routing is the model's own.
         """
-        if mode not in MODES:
-            raise SelectionError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode not in ROUTING_MODES:
+            raise SelectionError(f"unknown mode {mode!r}; use one of {', '.join(ROUTING_MODES)}")
         wanted = {
             layer: self._checked(layer, selection.get(layer, ()), mode) for layer in self.layout.moe_layers
         }
@@ -165,7 +164,7 @@ class ExpertCache:
             label, delta.loads, reused, delta.evictions, delta.bytes_loaded, time.perf_counter() - start
         )
 
-    def _checked(self, layer: int, experts: Sequence[int], mode: Mode) -> list[int]:
+    def _checked(self, layer: int, experts: Sequence[int], mode: RoutingMode) -> list[int]:
         experts = list(dict.fromkeys(int(e) for e in experts))
         bad = [e for e in experts if not 0 <= e < self.layout.num_experts]
         if bad:

@@ -1,4 +1,6 @@
-"""Every domain error taer raises, in one place.
+"""The domain errors of the store, the runtime and retrieval, and the base of every error taer raises.
+The serving layer's own (queue full, engine not ready) live with the engine contract in
+``server/engine_api.py``.
 
 Each message names the bad thing and says what to do. The CLI prints ``str(error)`` on one line and
 exits non-zero; the HTTP layer maps these to the OpenAI error shape.
@@ -93,11 +95,3 @@ class RequestError(TaerError):
 
     def __reduce__(self):  # pickled whole, so that it crosses processes (a cluster's replicas)
         return type(self), (str(self), self.param, self.status)
-
-
-class QueueFullError(TaerError):
-    """The engine's waiting queue is full; the client should retry later (HTTP 429)."""
-
-
-class EngineNotReadyError(TaerError):
-    """The engine is still loading (HTTP 503)."""

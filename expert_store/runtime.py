@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
-from expert_store.cache import ActivationReport, ExpertCache, Mode
+from expert_store.cache import ActivationReport, ExpertCache
 from expert_store.errors import BudgetError, StoreError
 from expert_store.families import get_family
 from expert_store.loader import ExpertLoader, SlotBank
+from expert_store.modes import RoutingMode
 from expert_store.modules import RoutedGate, RouterObserver, SlotResolver, SlottedExperts
 from expert_store.safetensors_file import DTYPES
 from expert_store.skeleton import MoELayout, empty_model, moe_blocks
@@ -87,7 +88,9 @@ class MoERuntime:
     def num_slots(self) -> int:
         return self.cache.num_slots
 
-    def activate(self, selection: Mapping[int, Sequence[int]], mode: Mode = "pruned") -> ActivationReport:
+    def activate(
+        self, selection: Mapping[int, Sequence[int]], mode: RoutingMode = "pruned"
+    ) -> ActivationReport:
         """Make a selection (MoE layer -> expert ids) resident; see ``ExpertCache.activate``."""
         return self.cache.activate(selection, mode)
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
 
 from expert_store.errors import RequestError, UnknownTaskError
+from expert_store.modes import Mode
 from retrieval.index import TaskIndex
 from retrieval.patterns import PatternSet
 from retrieval.selection import Budget, Selection, merge, select
@@ -22,7 +22,6 @@ from retrieval.tasks_file import GENERAL
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["pruned", "exact", "full"]
 LayerSelection = dict[int, tuple[int, ...]]  # decoder layer -> expert ids, best first
 
 

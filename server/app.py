@@ -19,8 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from expert_store.errors import EngineNotReadyError
-from server.engine_api import Engine
+from server.engine_api import Engine, EngineNotReadyError
 from server.errors import RETRY_AFTER_S, ApiError, install_error_handlers, to_api_error
 from server.metrics import Metrics
 from server.openapi import install_openapi

@@ -14,10 +14,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from expert_store.errors import EngineNotReadyError, TaerError
+from expert_store.errors import TaerError
 from retrieval.service import Route
 from server.detokenizer import IncrementalDetokenizer
-from server.engine_api import GenerationOutput, GenerationRequest
+from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest
 from server.engine_core import EngineCore, EngineParts
 from server.scheduler import Sequence
 

@@ -13,8 +13,8 @@ Rules of the contract, in one place:
   checks ``taer.task`` against :meth:`Engine.task_names`, and only then calls
   :meth:`Engine.generate`. Detokenisation and stop strings are the engine's job.
 - ``generate`` is an async generator: calling it starts nothing; the engine may raise
-  :class:`~expert_store.errors.QueueFullError` (HTTP 429),
-  :class:`~expert_store.errors.EngineNotReadyError` (503),
+  :class:`QueueFullError` (HTTP 429),
+  :class:`EngineNotReadyError` (503),
   :class:`~expert_store.errors.UnknownTaskError` (404) or
   :class:`~expert_store.errors.RequestError` (its ``status``, 400 by default) from the first
   ``__anext__`` at the latest. Any other exception is a server fault (500, logged).
@@ -37,23 +37,27 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from expert_store.errors import RequestError
+from expert_store.errors import RequestError, TaerError
+from expert_store.modes import MODES, Mode
 
 if TYPE_CHECKING:
     from server.metrics import EngineMetrics
 
-Mode = Literal["pruned", "exact", "full"]
-"""How experts are chosen: ``pruned`` (routing restricted to the task's retained set), ``exact``
-(the model's own routing; the pattern is only a prefetch hint) or ``full`` (every expert, no
-pattern)."""
+
+class QueueFullError(TaerError):
+    """The engine's waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+class EngineNotReadyError(TaerError):
+    """The engine is still loading, or ended a request it did not finish (HTTP 503)."""
+
 
 FinishReason = Literal["stop", "length", "abort"]
 """``stop``: an end-of-sequence token or a stop string; ``length``: ``max_tokens`` or the context
 ran out; ``abort``: the request was aborted (by :meth:`Engine.abort` or an engine shutdown)."""
 
-MODES: tuple[str, ...] = get_args(Mode)
 MAX_STOP_STRINGS = 16
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 """Bounds on the repetition penalty: the penalised logits stay finite in float32 (5e-324 divided

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from expert_store.errors import QueueFullError, TaerError
+from expert_store.errors import TaerError
 from expert_store.runtime import MoERuntime
 from retrieval.service import PatternRouter, RouteRequest
-from server.engine_api import GenerationOutput, RoutingInfo
+from server.engine_api import GenerationOutput, QueueFullError, RoutingInfo
 from server.model_runner import BatchRunner
 from server.sampling import make_generator, next_token
 from server.scheduler import Sequence

@@ -32,7 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from expert_store.errors import EngineNotReadyError, QueueFullError, RequestError, TaerError, UnknownTaskError
+from expert_store.errors import RequestError, TaerError, UnknownTaskError
+from server.engine_api import EngineNotReadyError, QueueFullError
 
 logger = logging.getLogger(__name__)
 

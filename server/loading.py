@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from expert_store.errors import BudgetError
+from expert_store.modes import MODES, Mode
 from expert_store.runtime import RuntimeConfig, load_runtime, runtime_dtype, slots_for_budget
 from expert_store.store import ExpertStore
 from retrieval.build import INDEX_SUBDIR
@@ -32,7 +32,7 @@ class ServeConfig:
     experts_per_layer: int | None = None
     expert_memory: int | None = None
     slots_per_layer: int | None = None
-    mode: Literal["pruned", "exact", "full"] = "pruned"
+    mode: Mode = "pruned"
     device: str = "cpu"
     dtype: str | None = None
     encoder: Path | None = None
@@ -52,8 +52,8 @@ class ServeConfig:
             raise BudgetError("give either --keep or --experts-per-layer, not both")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise BudgetError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.mode not in ("pruned", "exact", "full"):
-            raise BudgetError(f"unknown mode {self.mode!r}; use pruned, exact or full")
+        if self.mode not in MODES:
+            raise BudgetError(f"unknown mode {self.mode!r}; use {', '.join(MODES[:-1])} or {MODES[-1]}")
 
 
 def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_param: int) -> tuple[Budget, int]:

@@ -14,9 +14,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
+from expert_store.modes import MODES
 from server.engine_api import (
     MAX_STOP_STRINGS,
-    MODES,
     REPETITION_PENALTY_RANGE,
     SEED_RANGE,
     RoutingInfo,

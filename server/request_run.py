@@ -10,8 +10,15 @@ from dataclasses import dataclass
 
 import anyio
 
-from expert_store.errors import EngineNotReadyError, QueueFullError
-from server.engine_api import Engine, FinishReason, GenerationOutput, GenerationRequest, RoutingInfo
+from server.engine_api import (
+    Engine,
+    EngineNotReadyError,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    QueueFullError,
+    RoutingInfo,
+)
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from demo.suite import SPLITS, load_suite
 from expert_store.errors import BudgetError, SelectionError, StoreError
 from expert_store.manifest import MANIFEST_FILE
+from expert_store.modes import ROUTING_MODES
 
 if TYPE_CHECKING:
     from demo.evaluate import EvalResult
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pruning.add_argument("--adaptive", action="store_true", help="more experts to flatter layers")
     pruning.add_argument(
         "--mode",
-        choices=["pruned", "exact"],
+        choices=ROUTING_MODES,
         default="pruned",
         help="pruned: routing restricted to the retained set; exact: the model's own routing with the "
         "budget as the slot count, misses loaded on demand (default pruned)",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from expert_store.modes import MODES
+
 EXAMPLES = """
 taer is serving the demo model on http://{host}:{port}
 
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
         "--data", type=Path, default=Path(".taer"), help="where the demo, store and patterns go"
     )
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of experts per layer kept")
-    parser.add_argument("--mode", choices=["pruned", "exact", "full"], default="pruned")
+    parser.add_argument("--mode", choices=MODES, default="pruned")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-serve", action="store_true", help="prepare everything, do not serve")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from expert_store.errors import TaerError
+from expert_store.modes import MODES
 
 
 def _env(name: str, default=None, kind=str):
@@ -57,7 +58,7 @@ def register(subparsers) -> None:
         default=_env("SLOTS_PER_LAYER", None, int),
         help="expert slots per layer (default: the budget's experts per layer)",
     )
-    parser.add_argument("--mode", choices=["pruned", "exact", "full"], default=_env("MODE", "pruned"))
+    parser.add_argument("--mode", choices=MODES, default=_env("MODE", "pruned"))
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_env("PORT", 8000, int))
     parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")

@@ -24,10 +24,10 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import RayError, RayTaskError
 
-from expert_store.errors import EngineNotReadyError, TaerError
+from expert_store.errors import TaerError
 from retrieval.service import Route, RouteRequest
 from server.cluster.state import REPORT_PERIOD_S, ReplicaReport
-from server.engine_api import GenerationOutput, GenerationRequest
+from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest
 from server.loading import RoutingParts
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from expert_store.errors import EngineNotReadyError, QueueFullError, UnknownTaskError
+from expert_store.errors import UnknownTaskError
 from server.detokenizer import IncrementalDetokenizer
-from server.engine_api import GenerationOutput, GenerationRequest, RoutingInfo, SamplingParams, Tokenizer
+from server.engine_api import (
+    EngineNotReadyError,
+    GenerationOutput,
+    GenerationRequest,
+    QueueFullError,
+    RoutingInfo,
+    SamplingParams,
+    Tokenizer,
+)
 from server.metrics import EngineMetrics
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 
 import pytest
 from api_helpers import DONE, app_client, assert_openai_error, chat_body, sse_data
 from fake_engine import FakeEngine, FakeEngineConfig
 
-from expert_store.errors import CorruptExpertError, QueueFullError
+from expert_store.errors import CorruptExpertError, RequestError
+from server.engine_api import EngineNotReadyError, QueueFullError
+from server.errors import to_api_error
 from server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio
@@ -287,3 +290,19 @@ async def test_timeout(engine):
         assert payloads[-1] == DONE
         assert engine.aborted[-1] == engine.requests[1].request_id
         assert engine.num_running == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        QueueFullError("full; retry later"),
+        EngineNotReadyError("still loading"),
+        RequestError("bad", param="top_p", status=413),
+        CorruptExpertError("shard.safetensors", 1, 2),
+    ],
+)
+def test_serving_errors_cross_processes_whole(error):
+    # A cluster's replicas send these through Ray, which pickles them.
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert to_api_error(copy).to_dict() == to_api_error(error).to_dict()

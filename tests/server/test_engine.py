@@ -10,12 +10,11 @@ import torch
 from engine_helpers import chat_ids, started_engine
 from pipeline import build_pipeline
 
-from expert_store.errors import QueueFullError
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.selection import Budget
 from retrieval.service import PatternRouter
-from server.engine_api import GenerationRequest, SamplingParams, TaerOptions
+from server.engine_api import GenerationRequest, QueueFullError, SamplingParams, TaerOptions
 from server.loading import ServeConfig
 
 PROMPTS = [
