@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -98,11 +98,7 @@ class SamplingParams:
             _check_int(self.seed, "seed", minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
         low, high = REPETITION_PENALTY_RANGE
         _check_number(self.repetition_penalty, "repetition_penalty", minimum=low, maximum=high)
-        self.stop = tuple(self.stop)
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError("stop strings must be non-empty strings", param="stop")
+        self.stop = check_stop_strings(self.stop)
 
     @property
     def is_greedy(self) -> bool:
@@ -125,10 +121,8 @@ class TaerOptions:
     def __post_init__(self) -> None:
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
             raise RequestError("taer.task must be a non-empty task name", param="taer.task")
-        if self.mode is not None and self.mode not in MODES:
-            raise RequestError(
-                f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}", param="taer.mode"
-            )
+        if self.mode is not None:
+            check_mode(self.mode)
         if self.task is not None and self.mode == "full":
             raise RequestError(
                 "taer.task cannot be combined with mode 'full' (the full model uses no pattern)",
@@ -268,7 +262,23 @@ class Engine(Protocol):
         ...
 
 
-# Validation helpers -------------------------------------------------------------------------------
+# Validation: the one set of rules, which the HTTP edge (server/protocol.py) and the server's
+# defaults (server/settings.py) also apply --------------------------------------------------------
+
+
+def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
+    """``stop`` as a tuple: at most :data:`MAX_STOP_STRINGS`, none empty."""
+    stop = tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+    if not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop strings must be non-empty strings", param="stop")
+    return stop
+
+
+def check_mode(mode: object) -> None:
+    if mode not in MODES:
+        raise RequestError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}", param="taer.mode")
 
 
 def _check_int(value: object, name: str, *, minimum: int, maximum: int | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
+from expert_store.errors import RequestError
 from expert_store.modes import MODES
 from server.engine_api import (
     MAX_STOP_STRINGS,
@@ -21,6 +22,8 @@ from server.engine_api import (
     SEED_RANGE,
     RoutingInfo,
     TaerOptions,
+    check_mode,
+    check_stop_strings,
 )
 
 _TEXT_PART_HINT = "a string or a list of {'type': 'text', 'text': ...} parts"
@@ -117,11 +120,10 @@ def _stop_list(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return None if value is None else [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        if len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
-        if not all(value):
-            raise ValueError("stop strings must not be empty")
-        return value
+        try:
+            return list(check_stop_strings(value))
+        except RequestError as error:
+            raise ValueError(str(error)) from None
     raise ValueError("must be a string or a list of strings")
 
 
@@ -145,8 +147,11 @@ class TaerRequest(_TextChecked):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, value: str | None) -> str | None:
-        if value is not None and value not in MODES:
-            raise ValueError(f"unknown mode {value!r}; use one of {', '.join(MODES)}")
+        try:
+            if value is not None:
+                check_mode(value)
+        except RequestError as error:
+            raise ValueError(str(error)) from None
         return value
 
     def to_options(self) -> TaerOptions:
@@ -326,30 +331,6 @@ class TgiRequest(_EdgeModel):
 # Responses ------------------------------------------------------------------------------------------
 
 
-class TaerInfo(BaseModel):
-    """The ``taer`` response field: what served the request."""
-
-    task: str | None
-    similarity: float | None
-    confidence: float | None
-    mode: str
-    experts_loaded: int
-    experts_reused: int
-
-    @classmethod
-    def from_routing(cls, routing: RoutingInfo | None) -> TaerInfo | None:
-        if routing is None:
-            return None
-        return cls(
-            task=routing.task,
-            similarity=routing.similarity,
-            confidence=routing.confidence,
-            mode=routing.mode,
-            experts_loaded=routing.experts_loaded,
-            experts_reused=routing.experts_reused,
-        )
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -384,7 +365,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    taer: TaerInfo | None = None
+    taer: RoutingInfo | None = None  # what served the request
 
 
 class ChatChunkChoice(BaseModel):
@@ -401,7 +382,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    taer: TaerInfo | None = None
+    taer: RoutingInfo | None = None  # what served the request
 
 
 class CompletionChoice(BaseModel):
@@ -420,7 +401,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    taer: TaerInfo | None = None
+    taer: RoutingInfo | None = None  # what served the request
 
 
 class ModelCard(BaseModel):
@@ -446,7 +427,7 @@ class TgiDetails(BaseModel):
 class TgiResponse(BaseModel):
     generated_text: str
     details: TgiDetails | None = None
-    taer: TaerInfo | None = None
+    taer: RoutingInfo | None = None  # what served the request
 
 
 class TgiToken(BaseModel):
@@ -462,7 +443,7 @@ class TgiStreamEvent(BaseModel):
     top_tokens: None = None
     generated_text: str | None = None
     details: TgiDetails | None = None
-    taer: TaerInfo | None = None
+    taer: RoutingInfo | None = None  # what served the request
 
 
 def to_json(model: BaseModel, omit_if_none: tuple[str, ...] = ("taer",)) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    TaerInfo,
     Usage,
     to_json,
 )
@@ -46,7 +45,7 @@ class ServingChat(ServingBase):
                 ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
             ],
             usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-            taer=TaerInfo.from_routing(result.routing),
+            taer=result.routing,
         )
         return JSONResponse(to_json(response), headers=routing_headers(result.routing))
 
@@ -109,7 +108,7 @@ class _ChatStream:
 
     def opening(self, run: RequestRun) -> list[bytes]:
         role = self._chunk(run, {"role": "assistant", "content": ""})
-        role.taer = TaerInfo.from_routing(run.routing)
+        role.taer = run.routing
         return [self._event(role)]
 
     def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:

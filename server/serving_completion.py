@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from server.engine_api import GenerationOutput, GenerationRequest
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, TaerInfo, Usage, to_json
+from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, to_json
 from server.request_run import RequestRun
 from server.serving_base import RequestedSampling, ServingBase, routing_headers, sse_event, stop_tuple
 
@@ -33,7 +33,7 @@ class ServingCompletion(ServingBase):
             model=self.served_model_name,
             choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
             usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-            taer=TaerInfo.from_routing(result.routing),
+            taer=result.routing,
         )
         return JSONResponse(to_json(response), headers=routing_headers(result.routing))
 
@@ -89,7 +89,7 @@ class _CompletionStream:
             id=run.request.request_id, created=self._created, model=self._model, choices=choices, usage=usage
         )
         if not self._sent_routing:  # the first chunk says what served the request
-            chunk.taer = TaerInfo.from_routing(run.routing)
+            chunk.taer = run.routing
             self._sent_routing = True
         omit = ("taer",) if self._include_usage else ("taer", "usage")
         return sse_event(to_json(chunk, omit_if_none=omit))

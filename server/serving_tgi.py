@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
-from server.protocol import TaerInfo, TgiDetails, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
+from server.protocol import TgiDetails, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
 from server.request_run import RequestRun
 from server.serving_base import RequestedSampling, ServingBase, routing_headers, sse_event, stop_tuple
 
@@ -45,7 +45,7 @@ class ServingTGI(ServingBase):
         response = TgiResponse(
             generated_text=_prefix(body) + result.text,
             details=details,
-            taer=TaerInfo.from_routing(result.routing),
+            taer=result.routing,
         )
         return JSONResponse(
             to_json(response, omit_if_none=("taer", "details")), headers=routing_headers(result.routing)
@@ -135,7 +135,7 @@ class _TgiStream:
             index=self._index, token=TgiToken(id=self._last_token_id, text=output.text, special=is_eos)
         )
         if self._index == 1:
-            event.taer = TaerInfo.from_routing(run.routing)
+            event.taer = run.routing
         if output.finished:
             assert run.finish_reason is not None
             event.generated_text = self._prefix + "".join(self._texts)

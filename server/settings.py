@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from expert_store.errors import TaerError
+from expert_store.errors import RequestError, TaerError
+from server.engine_api import SamplingParams
 
 
 @dataclass(slots=True)
@@ -23,20 +24,13 @@ class SamplingDefaults:
     repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None:
-            _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "defaults.max_tokens", ">= 1")
-        if self.temperature is not None:
-            _require(_is_number(self.temperature) and self.temperature >= 0, "defaults.temperature", ">= 0")
-        if self.top_p is not None:
-            _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "defaults.top_p", "in (0, 1]")
-        if self.top_k is not None:
-            _require(_is_int(self.top_k) and self.top_k >= 0, "defaults.top_k", ">= 0 (0 turns it off)")
-        if self.repetition_penalty is not None:
-            _require(
-                _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-                "defaults.repetition_penalty",
-                "> 0",
-            )
+        # The rules a request's own values meet (SamplingParams), so that a default cannot be
+        # something a request is refused for.
+        given = {field.name: getattr(self, field.name) for field in fields(self)}
+        try:
+            SamplingParams(**{name: value for name, value in given.items() if value is not None})
+        except RequestError as error:
+            raise TaerError(f"invalid server setting defaults.{error.param}: {error}") from None
 
 
 @dataclass(slots=True)
