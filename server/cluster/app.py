@@ -31,6 +31,7 @@ from server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "TaerIngress"
+TEARDOWN_S = 45.0  # the most a stop waits for Ray to take the application down
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,19 +139,46 @@ def run_cluster(cluster: ClusterConfig, ray_address: str | None = None) -> int:
         )
         stop.wait()
     finally:
-        logger.info("taking the application down")
-        serve.delete(cluster.app_name)
-        _remove_state(cluster.app_name)
+        taken_down = _take_down(cluster.app_name, local)
+        ray.shutdown()
+    return 0 if taken_down else 1
+
+
+def _take_down(app_name: str, local: bool) -> bool:
+    """Delete the application (its replicas finish what they serve first), its state actor and, on
+    a local instance, Serve itself; within ``TEARDOWN_S``. A bound, because a Ray instance whose
+    processes got the stop signal too (a terminal's Ctrl-C reaches the whole process group) no
+    longer answers, and Ray's client would wait a minute for it. True when all went down in time."""
+
+    def steps() -> None:
+        serve.delete(app_name)
+        _remove_state(app_name)
         if local:
             serve.shutdown()
-        ray.shutdown()
-    return 0
+
+    logger.info("taking the application down")
+    worker = threading.Thread(target=steps, name="taer-teardown", daemon=True)
+    worker.start()
+    worker.join(TEARDOWN_S)
+    if worker.is_alive():
+        logger.warning("Ray did not take the application down within %.0f s; leaving it", TEARDOWN_S)
+        return False
+    return True
 
 
 def _stop_on_signals() -> threading.Event:
+    """Set by the first SIGINT or SIGTERM; a second one exits at once."""
     stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set():
+            logger.warning("second stop signal: exiting now")
+            logging.shutdown()
+            os._exit(1)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, handle)
     return stop
 
 

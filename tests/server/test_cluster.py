@@ -4,6 +4,7 @@ from the replicas' metrics, bad input refused at the ingress, and a replica kill
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -60,12 +61,15 @@ def _wait_ready(process: subprocess.Popen, url: str, deadline_s: float = 240) ->
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server alone, as `docker stop` sends it (sent to the whole group it would reach
+    the local Ray instance's own processes too); then whatever is left of its group is killed."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
         try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            assert process.wait(90) == 0, "the server did not stop cleanly"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
 
 
@@ -79,8 +83,10 @@ def servers(tmp_path_factory):
         _wait_ready(cluster, cluster_url)
         yield cluster_url, single_url
     finally:
-        _stop(cluster)
-        _stop(single)
+        try:
+            _stop(cluster)
+        finally:
+            _stop(single)
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -224,7 +230,8 @@ def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(serve
     }
     replicas = httpx.get(f"{cluster}/v1/taer/patterns", headers=HEADERS, timeout=10).json()["replicas"]
     pids = {r["replica"]: r["pid"] for r in replicas}
-    served = _replica_requests(cluster)["reverse"]
+    assert _chat(cluster, REVERSE, extra_body={"taer": {"task": "reverse"}})  # whatever ran before
+    served = _until(lambda: _replica_requests(cluster)["reverse"])  # replicas report every second
     victim = max(served, key=served.get)  # the replica reverse's requests go to
     events = []
     started = time.monotonic()
@@ -244,3 +251,11 @@ def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(serve
     # The other replica serves at once; the killed one is restarted by Ray Serve.
     assert _chat(cluster, ARITHMETIC)
     assert _chat(cluster, REVERSE, extra_body={"taer": {"task": "reverse"}})
+    # Ray Serve restarts the killed replica: two replicas report again, the victim's pid gone.
+    deadline = time.monotonic() + 180
+    while True:
+        replicas = httpx.get(f"{cluster}/v1/taer/patterns", headers=HEADERS, timeout=10).json()["replicas"]
+        if len(replicas) == 2 and pids[victim] not in {r["pid"] for r in replicas}:
+            break
+        assert time.monotonic() < deadline, f"the killed replica was not replaced: {replicas}"
+        time.sleep(1)
