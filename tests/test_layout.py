@@ -52,3 +52,15 @@ def test_test_modules_have_unique_basenames():
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         assert path.name not in seen, f"{path} and {seen[path.name]} share a basename"
         seen[path.name] = path
+
+
+def test_serving_without_replicas_imports_no_ray():
+    # `taer serve` without --replicas: the CLI and everything its single-process path imports.
+    script = (
+        "import sys, server.cli, server.cli.serve, server.app, server.engine, server.loading, server.shutdown\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True
+    )
+    assert result.stdout.strip() == "[]"
