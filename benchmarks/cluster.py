@@ -11,8 +11,9 @@ time here is this machine's (CPU) and already includes copying experts in host m
 projection is an upper bound on what the link adds, not a GPU measurement.
 
 Every configuration has the same total expert memory: two replicas each get the slots of one
-pattern (``keep`` of each layer's experts), one replica gets twice that on its one device, so that
-it can hold two disjoint patterns at once. Two replicas get one torch thread each, one replica the
+pattern (``keep`` of each layer's experts) unless ``replica_slots`` says otherwise, one replica gets
+twice that on its one device (at most every expert), so that it can hold two disjoint patterns at
+once. Two replicas get one torch thread each, one replica the
 server's default: the same cores either way.
 """
 
@@ -49,7 +50,8 @@ class ClusterSettings:
     clients: int = 16
     requests: int = 96
     max_tokens: int = 16
-    keep: float = 0.25  # each task's share of each layer's experts; a replica of two holds one pattern
+    keep: float = 0.25  # each task's share of each layer's experts
+    replica_slots: int | None = None  # slots per layer of a replica of two; None: one pattern's
     per_task: int = 8  # distinct prompts per task to draw from
     seed: int = 0
     time_cap_s: float = 600.0
@@ -66,16 +68,18 @@ class ClusterSettings:
 Launcher = Callable[[BenchInputs, ClusterSettings], ServerSpec]
 
 
-def slots_of_one_pattern(store: Path, keep: float) -> int:
-    """Slots per layer that hold one pattern keeping ``keep`` of each layer's experts."""
+def replica_slots(store: Path, settings: ClusterSettings) -> tuple[int, int]:
+    """(slots per layer of a replica of two, experts per layer): ``settings.replica_slots``, or
+    those of one pattern keeping ``keep`` of each layer's experts."""
     from expert_store.store import ExpertStore
     from retrieval.selection import Budget
 
     opened = ExpertStore(store)
     try:
-        return Budget(keep=keep).per_layer(opened.layout.num_experts)
+        experts = opened.layout.num_experts
     finally:
         opened.close()
+    return settings.replica_slots or Budget(keep=settings.keep).per_layer(experts), experts
 
 
 def one_replica(scheduler: str) -> Launcher:
@@ -85,7 +89,8 @@ def one_replica(scheduler: str) -> Launcher:
         spec = taer_spec(
             inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, settings.threads
         )
-        slots = 2 * slots_of_one_pattern(inputs.store, settings.keep)
+        half, experts = replica_slots(inputs.store, settings)
+        slots = min(2 * half, experts)  # every expert resident at most
         label = f"one taer serve, {scheduler} scheduler ({slots} slots/layer)"
         flags = ["--scheduler", scheduler, "--slots-per-layer", str(slots)]
         return replace(spec, name=scheduler, label=label, command=[*spec.command, *flags])
@@ -99,7 +104,7 @@ def two_replicas(routing: str) -> Launcher:
 
     def launch(inputs: BenchInputs, settings: ClusterSettings) -> ServerSpec:
         spec = taer_spec(inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, 1)
-        slots = slots_of_one_pattern(inputs.store, settings.keep)
+        slots, _ = replica_slots(inputs.store, settings)
         label = f"two replicas on Ray Serve, {routing} routing ({slots} slots/layer each)"
         flags = ["--replicas", "2", "--replica-routing", routing, "--slots-per-layer", str(slots)]
         return replace(spec, name=f"replicas-{routing}", label=label, command=[*spec.command, *flags])
@@ -219,6 +224,7 @@ def run_cluster(
             "requests": settings.requests,
             "max_tokens": settings.max_tokens,
             "keep": settings.keep,
+            "replica_slots": replica_slots(inputs.store, settings)[0],
             "seed": settings.seed,
             "tasks": len({p.task for p in prompts}),
             "device": settings.device,
@@ -308,10 +314,10 @@ def render(result: dict) -> str:
     intro = (
         f"{s['requests']} streaming chat requests, tasks drawn at random (seed {s['seed']}) from "
         f"{s['tasks']} tasks, {s['clients']} closed-loop clients, {s['max_tokens']} tokens each, keep "
-        f"{s['keep']:.0%}, device {s['device']}. Equal total expert memory: one replica holds two "
-        "patterns' slots, each of two replicas one pattern's. Measured times are this machine's; the "
-        "projection columns (a projection, not a measurement) add the expert bytes loaded over a "
-        "host-to-device link to the measured time.\n"
+        f"{s['keep']:.0%}, device {s['device']}. Equal total expert memory: each of two replicas has "
+        f"{s['replica_slots']} expert slots per layer, one replica twice that (at most every "
+        "expert). Measured times are this machine's; the projection columns (a projection, not a "
+        "measurement) add the expert bytes loaded over a host-to-device link to the measured time.\n"
     )
     return intro + markdown_table(headers, rows)
 
@@ -344,6 +350,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep", type=float, default=0.25, help="each task's share of each layer's experts (default 0.25)"
     )
+    parser.add_argument(
+        "--replica-slots",
+        type=int,
+        help="expert slots per layer of each of two replicas (one replica gets twice); default: one pattern's",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads per server")
 
@@ -354,6 +365,7 @@ def settings_from(args: argparse.Namespace) -> ClusterSettings:
         requests=args.requests,
         max_tokens=args.max_tokens,
         keep=args.keep,
+        replica_slots=args.replica_slots,
         seed=args.seed,
         threads=args.threads,
         configurations=tuple(c for c in args.configurations.split(",") if c),
