@@ -24,10 +24,8 @@ from server.errors import RETRY_AFTER_S, ApiError, install_error_handlers, to_ap
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TgiRequest
-from server.request_run import Admission
-from server.serving_base import ServingContext
-from server.serving_chat import ServingChat
-from server.serving_completion import ServingCompletion
+from server.request_run import Admission, ServingContext
+from server.serving import ServingChat, ServingCompletion
 from server.serving_tgi import ServingTGI
 from server.settings import ServerSettings
 from server.shutdown import Drain

@@ -9,15 +9,14 @@ last of them); ``logprob`` is always null.
 from __future__ import annotations
 
 import secrets
-import uuid
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
 from server.protocol import TgiDetails, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
-from server.request_run import RequestRun
-from server.serving_base import RequestedSampling, ServingBase, routing_headers, sse_event, stop_tuple
+from server.request_run import RequestRun, routing_headers, sse_event
+from server.serving import RequestedSampling, ServingBase
 
 API_DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 
@@ -32,7 +31,7 @@ class ServingTGI(ServingBase):
 
     async def generate(self, body: TgiRequest, raw: Request) -> Response:
         request = self.to_generation_request(body)
-        result = await self.complete(request, raw)
+        result = await RequestRun(self.context, request, raw).complete()
         details = None
         if body.parameters.details:
             details = _details(
@@ -52,10 +51,9 @@ class ServingTGI(ServingBase):
         )
 
     async def generate_stream(self, body: TgiRequest, raw: Request) -> Response:
-        request = self.to_generation_request(body)
-        run, first = await self.start_stream(request, raw)
+        run = RequestRun(self.context, self.to_generation_request(body), raw)
         # TGI ends its streams without a [DONE] marker.
-        return self.sse_response(run, first, _TgiStream(_prefix(body)), done_marker=False)
+        return await run.stream(_TgiStream(_prefix(body)), done_marker=False)
 
     def to_generation_request(self, body: TgiRequest) -> GenerationRequest:
         params = body.parameters
@@ -70,19 +68,13 @@ class ServingTGI(ServingBase):
             top_p=params.top_p,
             top_k=params.top_k,
             seed=seed if params.do_sample else None,
-            stop=stop_tuple(params.stop),
+            stop=() if params.stop is None else tuple(params.stop),
             repetition_penalty=params.repetition_penalty,
             prompt_param="inputs",
             names=_PARAM_NAMES,
         )
-        return GenerationRequest(
-            request_id=f"tgi-{uuid.uuid4().hex}",
-            prompt_token_ids=prompt_token_ids,
-            retrieval_text=body.inputs,
-            sampling=self.sampling_params(
-                asked, len(prompt_token_ids), api_max_tokens=API_DEFAULT_MAX_NEW_TOKENS
-            ),
-            taer=self.taer_options(body.taer),
+        return self.generation_request(
+            "tgi", prompt_token_ids, body.inputs, asked, body.taer, api_max_tokens=API_DEFAULT_MAX_NEW_TOKENS
         )
 
 

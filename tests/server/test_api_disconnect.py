@@ -88,7 +88,7 @@ async def test_streaming_client_disconnect_aborts_the_generation(spec_version, p
         [request] = engine.requests
         assert engine.aborted == [request.request_id]
         assert engine.num_running == 0
-        assert app.state.chat.admission.num_in_flight == 0
+        assert app.state.admission.num_in_flight == 0
         # It stopped long before the 100 tokens it was asked for.
         assert len(connection.body_messages()) < 50
 
@@ -114,7 +114,7 @@ async def test_non_streaming_client_disconnect_aborts_the_generation(path, body)
         [request] = engine.requests
         assert engine.aborted == [request.request_id]
         assert engine.num_running == 0
-        assert app.state.chat.admission.num_in_flight == 0
+        assert app.state.admission.num_in_flight == 0
         status = next(m["status"] for m in connection.sent if m["type"] == "http.response.start")
         assert status == 499
         metrics = app.state.metrics.render().decode()
