@@ -14,25 +14,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server import protocol
 from server.engine_api import Engine
-from server.protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    StreamOptions,
-    TaerRequest,
-    TgiParameters,
-    TgiRequest,
-)
 
 _REQUEST_MODELS = (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    StreamOptions,
-    TaerRequest,
-    TgiParameters,
-    TgiRequest,
+    protocol.ChatCompletionRequest,
+    protocol.ChatMessage,
+    protocol.CompletionRequest,
+    protocol.StreamOptions,
+    protocol.TaerRequest,
+    protocol.TgiParameters,
+    protocol.TgiRequest,
 )
 
 _ERRORS = {

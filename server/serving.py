@@ -281,24 +281,32 @@ def _retrieval_text(messages: list[ChatMessage]) -> str:
     return messages[-1].content
 
 
-class _ChatStream:
-    """``chat.completion.chunk`` events: the role, the content deltas, the finish reason, usage."""
+class _OpenAIStream:
+    """What both OpenAI streams share: the model, one creation time, and whether usage is sent."""
 
     def __init__(self, model: str, *, include_usage: bool) -> None:
         self._model = model
         self._include_usage = include_usage
         self._created = int(time.time())
 
+    def _sse(self, chunk: BaseModel) -> bytes:
+        omit = ("taer",) if self._include_usage else ("taer", "usage")
+        return sse_event(to_json(chunk, omit_if_none=omit))
+
+
+class _ChatStream(_OpenAIStream):
+    """``chat.completion.chunk`` events: the role, the content deltas, the finish reason, usage."""
+
     def opening(self, run: RequestRun) -> list[bytes]:
         role = self._chunk(run, {"role": "assistant", "content": ""})
         role.taer = run.routing
-        return [self._event(role)]
+        return [self._sse(role)]
 
     def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:
-        return [self._event(self._chunk(run, {"content": output.text}))] if output.text else []
+        return [self._sse(self._chunk(run, {"content": output.text}))] if output.text else []
 
     def closing(self, run: RequestRun) -> list[bytes]:
-        events = [self._event(self._chunk(run, {}, finish_reason=run.finish_reason))]
+        events = [self._sse(self._chunk(run, {}, finish_reason=run.finish_reason))]
         if self._include_usage:
             usage = ChatCompletionChunk(
                 id=run.request.request_id,
@@ -307,7 +315,7 @@ class _ChatStream:
                 choices=[],
                 usage=Usage.of(run.prompt_tokens, run.completion_tokens),
             )
-            events.append(self._event(usage))
+            events.append(self._sse(usage))
         return events
 
     def _chunk(
@@ -320,18 +328,12 @@ class _ChatStream:
             choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
         )
 
-    def _event(self, chunk: ChatCompletionChunk) -> bytes:
-        omit = ("taer",) if self._include_usage else ("taer", "usage")
-        return sse_event(to_json(chunk, omit_if_none=omit))
 
-
-class _CompletionStream:
+class _CompletionStream(_OpenAIStream):
     """``text_completion`` chunks: text deltas, the finish reason, then usage if asked."""
 
     def __init__(self, model: str, *, include_usage: bool) -> None:
-        self._model = model
-        self._include_usage = include_usage
-        self._created = int(time.time())
+        super().__init__(model, include_usage=include_usage)
         self._sent_routing = False
 
     def opening(self, run: RequestRun) -> list[bytes]:
@@ -355,8 +357,7 @@ class _CompletionStream:
         if not self._sent_routing:  # the first chunk says what served the request
             chunk.taer = run.routing
             self._sent_routing = True
-        omit = ("taer",) if self._include_usage else ("taer", "usage")
-        return sse_event(to_json(chunk, omit_if_none=omit))
+        return self._sse(chunk)
 
 
 def _first_set(*values: T | None) -> T:
