@@ -2,9 +2,9 @@
 
 The model runs on one thread; the async facade (``server/engine.py``) hands requests in through
 ``submit``/``abort`` and receives outputs through each sequence's ``emit`` callback. Retrieval
-(embedding the request, choosing its pattern) runs on a second thread, so that it overlaps with
-decoding instead of stalling every running sequence: a request reaches the engine thread with its
-route. There a request's life is visible in ``step``: start a batch (prefetch its experts, prefill)
+(embedding the request, choosing its pattern) runs on a second thread, :class:`RetrievalThread`, so
+that it overlaps with decoding instead of stalling every running sequence: a request reaches the
+engine thread with its route. There a request's life is visible in ``step``: start a batch (prefetch its experts, prefill)
 or let waiting requests join the running one (prefill them, merge their rows), then decode one token
 for every live sequence.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,72 @@ class EngineParts:
     eos_token_ids: frozenset[int]
 
 
+class RetrievalThread:
+    """The retrieval thread: routes submitted requests (embeds them, chooses their patterns), as
+    many together as have arrived, so that retrieval overlaps with decoding instead of stalling
+    every running sequence. Each routed sequence goes to ``deliver``; a request that cannot be
+    routed goes to ``fail`` and then to ``deliver`` without a route (so it is counted as arrived)."""
+
+    def __init__(
+        self,
+        parts: EngineParts,
+        metrics,
+        deliver: Callable[[Sequence], None],
+        fail: Callable[[Sequence, BaseException], None],
+    ) -> None:
+        self._parts = parts  # its router is read per batch: a test may swap it
+        self._metrics = metrics
+        self._deliver = deliver
+        self._fail = fail
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="taer-retrieval", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, sequence: Sequence) -> None:
+        self._pending.put(sequence)
+
+    def stop(self) -> None:
+        """Route what was submitted before, then end the thread."""
+        self._pending.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            pending = [self._pending.get()]
+            while True:
+                try:
+                    pending.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in pending
+            pending = [s for s in pending if s is not None]
+            if pending:
+                self._route(pending)
+            if stop:
+                return
+
+    def _route(self, pending: list[Sequence]) -> None:
+        requests = [
+            RouteRequest(s.request.retrieval_text, s.request.taer.task, s.request.taer.mode) for s in pending
+        ]
+        try:
+            routes = self._parts.router.route(requests)
+        except Exception as error:  # a request's own fault (TaerError) or a retrieval fault: fail them
+            if not isinstance(error, TaerError):
+                logger.exception("retrieval failed")
+            for sequence in pending:
+                self._fail(sequence, error)
+                self._deliver(sequence)  # with no route: only counted as arrived
+            return
+        for sequence, route in zip(pending, routes, strict=True):
+            sequence.route = route
+            if route.retrieval_seconds:
+                self._metrics.observe_retrieval(route.retrieval_seconds)
+            self._deliver(sequence)
+
+
 class EngineCore:
     def __init__(
         self,
@@ -61,7 +128,7 @@ class EngineCore:
         self._last_tasks: frozenset = frozenset()
         self._lock = threading.Lock()
         self.num_waiting = 0  # submitted, not yet in the scheduler's queue (being routed, or in the inbox)
-        self._to_route: queue.SimpleQueue = queue.SimpleQueue()
+        self.retrieval = RetrievalThread(parts, metrics, deliver=self._arrive, fail=self._fail)
         self._unadded: set[str] = set()  # submitted ids the engine thread has not added yet
         self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
         self._arrivals = 0  # requests added to the scheduler's queue so far
@@ -76,9 +143,9 @@ class EngineCore:
             self.num_waiting += 1
             self._unadded.add(sequence.request_id)
         if sequence.route is not None:  # routed by the caller (the cluster's ingress): no retrieval here
-            self.inbox.put(("add", sequence))
+            self._arrive(sequence)
         else:
-            self._to_route.put(sequence)
+            self.retrieval.put(sequence)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -86,16 +153,18 @@ class EngineCore:
     def stop(self) -> None:
         self.inbox.put(("stop", None))
 
+    def _arrive(self, sequence: Sequence) -> None:
+        """Hand a routed sequence (or one whose routing failed) to the engine thread."""
+        self.inbox.put(("add", sequence))
+
     # The engine thread ---------------------------------------------------------------------------
 
     def run_forever(self) -> None:
-        router = threading.Thread(target=self._route_forever, name="taer-retrieval", daemon=True)
-        router.start()
+        self.retrieval.start()
         try:
             self._loop()
         finally:
-            self._to_route.put(None)
-            router.join()
+            self.retrieval.stop()
             self._drain(block=False)  # requests routed meanwhile: they are aborted below
         for sequence in [*self.batch, *self.scheduler.waiting]:
             self._finish(sequence, "abort")
@@ -167,44 +236,6 @@ class EngineCore:
             if sequence.request_id == request_id and not sequence.finished:
                 self._finish(sequence, "abort")
         self._compact()
-
-    # The retrieval thread ------------------------------------------------------------------------
-
-    def _route_forever(self) -> None:
-        """Route submitted requests, as many together as have arrived, and pass them to the engine
-        thread. A request that cannot be routed fails; the engine thread is told it arrived."""
-        while True:
-            pending = [self._to_route.get()]
-            while True:
-                try:
-                    pending.append(self._to_route.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in pending
-            pending = [s for s in pending if s is not None]
-            if pending:
-                self._route(pending)
-            if stop:
-                return
-
-    def _route(self, pending: list[Sequence]) -> None:
-        requests = [
-            RouteRequest(s.request.retrieval_text, s.request.taer.task, s.request.taer.mode) for s in pending
-        ]
-        try:
-            routes = self.parts.router.route(requests)
-        except Exception as error:  # a request's own fault (TaerError) or a retrieval fault: fail them
-            if not isinstance(error, TaerError):
-                logger.exception("retrieval failed")
-            for sequence in pending:
-                self._fail(sequence, error)
-                self.inbox.put(("add", sequence))  # with no route: only counted as arrived
-            return
-        for sequence, route in zip(pending, routes, strict=True):
-            sequence.route = route
-            if route.retrieval_seconds:
-                self.metrics.observe_retrieval(route.retrieval_seconds)
-            self.inbox.put(("add", sequence))
 
     def _start_batch(self) -> None:
         batch = self.scheduler.form_batch()
