@@ -15,6 +15,8 @@ BENCHMARKS = {
     ),
     "serving": ("benchmarks.serving", "policies at equal expert memory, and taer serve vs a peer server"),
     "cluster": ("benchmarks.cluster", "mixed traffic: fifo vs switch-aware scheduling (and replicas)"),
+    "fuzz": ("benchmarks.fuzz", "schema-driven fuzzing of a real taer serve: no 5xx, OpenAI-shaped 4xx"),
+    "soak": ("benchmarks.soak", "32 clients, 2,000 requests: same answers as alone, none lost, flat memory"),
     "all": ("benchmarks.report", "every benchmark in one run, with a report.md"),
 }
 
