@@ -59,9 +59,10 @@ class ClusterSettings:
     threads: int | None = None
     configurations: tuple[str, ...] = (
         "fifo",
+        "switch-aware",
         "replicas-ray-default",
         "replicas-task-affinity",
-        "switch-aware",
+        "replicas-task-affinity-switch-aware",
     )
 
 
@@ -98,16 +99,18 @@ def one_replica(scheduler: str) -> Launcher:
     return launch
 
 
-def two_replicas(routing: str) -> Launcher:
-    """`taer serve --replicas 2` on a local Ray instance, with ``--replica-routing``: each replica
-    has the slots of one pattern and one CPU thread."""
+def two_replicas(routing: str, scheduler: str = "fifo") -> Launcher:
+    """`taer serve --replicas 2` on a local Ray instance, with ``--replica-routing`` and each
+    replica's ``--scheduler``: each replica has the slots of one pattern and one CPU thread."""
+    name = f"replicas-{routing}" + ("" if scheduler == "fifo" else f"-{scheduler}")
 
     def launch(inputs: BenchInputs, settings: ClusterSettings) -> ServerSpec:
         spec = taer_spec(inputs.store, inputs.patterns, settings.keep, free_port(), settings.device, 1)
         slots, _ = replica_slots(inputs.store, settings)
-        label = f"two replicas on Ray Serve, {routing} routing ({slots} slots/layer each)"
+        label = f"two replicas on Ray Serve, {routing} routing, {scheduler} ({slots} slots/layer each)"
         flags = ["--replicas", "2", "--replica-routing", routing, "--slots-per-layer", str(slots)]
-        return replace(spec, name=f"replicas-{routing}", label=label, command=[*spec.command, *flags])
+        flags += ["--scheduler", scheduler]
+        return replace(spec, name=name, label=label, command=[*spec.command, *flags])
 
     return launch
 
@@ -116,6 +119,8 @@ LAUNCHERS: dict[str, Launcher] = {
     "fifo": one_replica("fifo"),
     "replicas-ray-default": two_replicas("ray-default"),
     "replicas-task-affinity": two_replicas("task-affinity"),
+    "replicas-ray-default-switch-aware": two_replicas("ray-default", "switch-aware"),
+    "replicas-task-affinity-switch-aware": two_replicas("task-affinity", "switch-aware"),
     "switch-aware": one_replica("switch-aware"),
 }
 
@@ -241,12 +246,15 @@ def cluster_targets(entries: list[dict]) -> list[dict]:
     no configuration loses a request."""
     by_name = {e["name"]: e for e in entries if "error" not in e}
     checks = []
-    default, affinity = by_name.get("replicas-ray-default"), by_name.get("replicas-task-affinity")
-    if default and affinity:
+    default = by_name.get("replicas-ray-default")
+    for name in ("replicas-task-affinity", "replicas-task-affinity-switch-aware"):
+        affinity = by_name.get(name)
+        if not (default and affinity):
+            continue
         ratio = affinity["expert_bytes_per_request"] / max(default["expert_bytes_per_request"], 1e-9)
         checks.append(
             {
-                "target": "task affinity expert bytes per request <= 1/3 of Ray default routing's",
+                "target": f"{name}: expert bytes per request <= 1/3 of replicas-ray-default's",
                 "measured": ratio,
                 "bound": 1 / 3,
                 "met": ratio <= 1 / 3,

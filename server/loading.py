@@ -106,6 +106,16 @@ def patterns_held_at_once(config: ServeConfig) -> int:
     return max(1, slots // per_layer)
 
 
+def tasks_per_replica(config: ServeConfig, num_replicas: int) -> int:
+    """How many tasks each of ``num_replicas`` replicas keeps as its own under task affinity: as
+    many patterns as its slots hold at once, and at least an equal share of the tasks (``general``
+    counted), so that every task keeps a home replica and a replica's slots switch only among its
+    own tasks instead of all of them."""
+    patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
+    share = -(-(len(patterns.tasks) + 1) // max(1, num_replicas))
+    return max(patterns_held_at_once(config), share)
+
+
 def check_serve_config(config: ServeConfig) -> None:
     """The cheap checks, before the server starts: store, patterns of this model, budget."""
     load_patterns_for_store(config.patterns_dir, config.store_dir)

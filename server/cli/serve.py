@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_cluster(args: argparse.Namespace, config, settings) -> int:
     from server.cluster.app import ClusterConfig, run_cluster
     from server.cluster.replica import ReplicaOptions
-    from server.loading import patterns_held_at_once
+    from server.loading import tasks_per_replica
 
     if args.replicas < 1:
         raise TaerError(f"--replicas must be at least 1, got {args.replicas}")
@@ -193,7 +193,7 @@ def _run_cluster(args: argparse.Namespace, config, settings) -> int:
         max_waiting=args.max_queue,
         scheduler=args.scheduler,
         max_ongoing_requests=args.replica_max_ongoing or args.max_batch_size,
-        patterns_per_replica=patterns_held_at_once(config),
+        tasks_per_replica=tasks_per_replica(config, args.replicas),
         num_cpus=args.replica_cpus,
         num_gpus=1.0 if on_gpu else 0.0,
         torch_threads=None if on_gpu else max(1, int(args.replica_cpus)),

@@ -24,7 +24,7 @@ from server.app import create_app
 from server.cluster.remote_engine import RemoteEngine, ReplicaMetricsCollector
 from server.cluster.replica import ReplicaOptions, model_deployment
 from server.cluster.state import NAMESPACE, cluster_state, state_actor_name
-from server.loading import ServeConfig, load_routing_parts, patterns_held_at_once
+from server.loading import ServeConfig, load_routing_parts, tasks_per_replica
 from server.metrics import Metrics
 from server.settings import ServerSettings
 
@@ -102,12 +102,13 @@ def app_builder(args: dict[str, Any]):
         model_name=args.get("served_model_name"),
     )
     batch = int(args.get("max_batch_size", 16))
+    num_replicas = int(args.get("replicas", 1))
     replicas = ReplicaOptions(
-        num_replicas=int(args.get("replicas", 1)),
+        num_replicas=num_replicas,
         max_batch_size=batch,
         scheduler=args.get("scheduler", "fifo"),
         max_ongoing_requests=int(args.get("max_ongoing_requests", batch)),
-        patterns_per_replica=patterns_held_at_once(config),
+        tasks_per_replica=tasks_per_replica(config, num_replicas),
         num_cpus=float(args.get("replica_cpus", 1.0)),
         num_gpus=1.0 if config.device.startswith("cuda") else 0.0,
     )

@@ -3,9 +3,10 @@
 Requests arrive routed by the ingress (task, mode, selection), so a replica loads no encoder. Task
 affinity is Ray Serve's model multiplexing with the pattern as the model id: the ingress sends a
 request with ``multiplexed_model_id=<task>``, the replica "loads" that id (it keeps the
-``patterns_per_replica`` most recent ones, as many as its slots hold at once), and Ray Serve's
-router sends later requests of the task to a replica that has it, falling back to the replica with
-the fewest patterns when none has, and to any replica when those are busy for longer than
+``tasks_per_replica`` most recent ones: an equal share of the tasks, or as many patterns as its
+slots hold at once if more), and Ray Serve's router sends later requests of the task to a replica
+that has it, falling back to the replica with the fewest tasks when none has (so the tasks spread
+over the replicas, each with a home), and to any replica when those are busy for longer than
 ``RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S`` (spill-over). The experts themselves are
 loaded by the engine when the request runs, as in the single process.
 """
@@ -46,7 +47,7 @@ class ReplicaOptions:
     max_waiting: int = 256
     scheduler: str = "fifo"
     max_ongoing_requests: int = 16
-    patterns_per_replica: int = 1
+    tasks_per_replica: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     torch_threads: int | None = None
@@ -98,7 +99,7 @@ def model_deployment(options: ReplicaOptions):
             async for output in self._engine.generate(request, route):
                 yield output
 
-        @serve.multiplexed(max_num_models_per_replica=options.patterns_per_replica)
+        @serve.multiplexed(max_num_models_per_replica=options.tasks_per_replica)
         async def _hold_pattern(self, task: str) -> str:
             # Only tells Ray Serve's router which patterns this replica holds; the engine loads the
             # experts when the request runs, keeping those already resident.

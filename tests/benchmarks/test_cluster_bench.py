@@ -91,7 +91,11 @@ def test_the_affinity_target_compares_expert_bytes_with_ray_default_routing():
     (check, *_) = cluster_targets(
         [entry("replicas-ray-default", 900.0), entry("replicas-task-affinity", 250.0)]
     )
-    assert check["target"].startswith("task affinity") and check["met"] and check["measured"] == 250 / 900
+    assert (
+        check["target"].startswith("replicas-task-affinity:")
+        and check["met"]
+        and check["measured"] == 250 / 900
+    )
     (check, *_) = cluster_targets(
         [entry("replicas-ray-default", 900.0), entry("replicas-task-affinity", 400.0)]
     )

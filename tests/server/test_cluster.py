@@ -36,6 +36,9 @@ def _free_port() -> int:
 def _start(store, patterns, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "TAER_KEEP": "0.5", "TAER_SLOTS_PER_LAYER": "4", "TAER_API_KEY": KEY}
+    # A request waits this long for a busy replica holding its task before another takes it (Ray's
+    # default 1 s is about as long as a flooding request runs here: spill-over would hang on timing).
+    env["RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"] = "0.1"
     command = [sys.executable, "-m", "server", "serve", str(store), "--patterns", str(patterns)]
     process = subprocess.Popen(
         [*command, "--port", str(port), *extra],
@@ -119,6 +122,18 @@ def _until(check, deadline_s: float = 30.0):
         time.sleep(0.5)
 
 
+def _settled_requests(url: str) -> dict[str, dict[str, float]]:
+    """``_replica_requests`` once two reads 1.5 s apart agree (every report is in)."""
+    served = _replica_requests(url)
+    for _ in range(20):
+        time.sleep(1.5)
+        again = _replica_requests(url)
+        if again == served:
+            break
+        served = again
+    return served
+
+
 def test_answers_equal_the_single_process(servers):
     cluster, single = servers
     for text in (ARITHMETIC, REVERSE, "hello there"):
@@ -189,36 +204,6 @@ def test_each_task_goes_to_its_own_replica(servers):
         assert per_replica[home[task]] >= 8, added  # the first of each may land anywhere
 
 
-def test_a_flooded_task_spills_over_to_the_other_replica(servers):
-    cluster, _ = servers
-    before = _replica_requests(cluster).get("reverse", {})
-    body = {
-        "messages": [{"role": "user", "content": REVERSE}],
-        "max_tokens": 100,
-        "ignore_eos": True,
-        "taer": {"task": "reverse"},
-    }
-
-    def one(_):
-        return httpx.post(
-            f"{cluster}/v1/chat/completions", json=body, headers=HEADERS, timeout=120
-        ).status_code
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(one, range(16)))
-    assert statuses == [200] * 16
-
-    def spread():
-        served = _replica_requests(cluster).get("reverse", {})
-        added = {r: n - before.get(r, 0) for r, n in served.items()}
-        return added if sum(added.values()) >= 16 else None
-
-    added = _until(spread)
-    assert added and len([r for r, n in added.items() if n > 0]) == 2, added
-
-
 def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(servers):
     cluster, _ = servers
     body = {
@@ -230,9 +215,17 @@ def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(serve
     }
     replicas = httpx.get(f"{cluster}/v1/taer/patterns", headers=HEADERS, timeout=10).json()["replicas"]
     pids = {r["replica"]: r["pid"] for r in replicas}
-    assert _chat(cluster, REVERSE, extra_body={"taer": {"task": "reverse"}})  # whatever ran before
-    served = _until(lambda: _replica_requests(cluster)["reverse"])  # replicas report every second
-    victim = max(served, key=served.get)  # the replica reverse's requests go to
+    # The replica that holds reverse (one only: this test runs before the flood that spills it over)
+    # is the one whose count rises for a request of reverse's; replicas report every second.
+    before = _settled_requests(cluster)["reverse"]
+    assert _chat(cluster, REVERSE, extra_body={"taer": {"task": "reverse"}})
+
+    def risen() -> str | None:
+        now = _replica_requests(cluster)["reverse"]
+        return next((r for r, n in now.items() if n > before.get(r, 0)), None)
+
+    victim = _until(risen)
+    assert victim is not None
     events = []
     started = time.monotonic()
     with httpx.stream(
@@ -259,3 +252,43 @@ def test_a_replica_killed_mid_stream_ends_its_request_and_the_others_serve(serve
             break
         assert time.monotonic() < deadline, f"the killed replica was not replaced: {replicas}"
         time.sleep(1)
+
+
+def test_a_flooded_task_spills_over_to_the_other_replica(servers):
+    cluster, _ = servers
+    before = _replica_requests(cluster).get("reverse", {})
+    body = {
+        "messages": [{"role": "user", "content": REVERSE}],
+        "max_tokens": 190,
+        "ignore_eos": True,
+        "taer": {"task": "reverse"},
+    }
+
+    def one(_):
+        return httpx.post(
+            f"{cluster}/v1/chat/completions", json=body, headers=HEADERS, timeout=120
+        ).status_code
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(16)))
+    assert statuses == [200] * 16
+
+    def spread():
+        served = _replica_requests(cluster).get("reverse", {})
+        added = {r: n - before.get(r, 0) for r, n in served.items()}
+        return added if sum(added.values()) >= 16 else None
+
+    added = _until(spread)
+    assert added and len([r for r, n in added.items() if n > 0]) == 2, added
+
+
+def test_each_replica_keeps_an_equal_share_of_the_tasks_or_what_its_slots_hold(tmp_path):
+    from server.loading import ServeConfig, tasks_per_replica
+
+    store, patterns = build_pipeline(tmp_path)  # two tasks and general; 8 experts per layer
+    one_pattern = ServeConfig(store, patterns, keep=0.25)  # 2 experts per layer, 2 slots
+    assert [tasks_per_replica(one_pattern, n) for n in (1, 2, 3)] == [3, 2, 1]
+    four_patterns = ServeConfig(store, patterns, keep=0.25, slots_per_layer=8)
+    assert [tasks_per_replica(four_patterns, n) for n in (1, 2, 3)] == [4, 4, 4]
