@@ -1,8 +1,9 @@
 """The contract between the HTTP layer and the engine that owns the model.
 
-The HTTP layer (``server/app.py`` and the ``serving_*`` modules) turns a request into a
-:class:`GenerationRequest`, iterates :meth:`Engine.generate`, and turns the
-:class:`GenerationOutput` objects into OpenAI or TGI responses. It knows nothing else about the
+The HTTP layer (``server/app.py``, ``server/serving.py``, ``server/serving_tgi.py`` and
+``server/request_run.py``) turns a request into a :class:`GenerationRequest`, iterates
+:meth:`Engine.generate`, and turns the :class:`GenerationOutput` objects into OpenAI or TGI
+responses. It knows nothing else about the
 engine. The real engine (model thread, scheduler, retrieval) and ``tests/server/fake_engine.py`` both
 implement :class:`Engine`.
 
