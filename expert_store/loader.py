@@ -21,15 +21,23 @@ from dataclasses import dataclass
 import torch
 
 from expert_store.keys import ExpertKey
+from expert_store.quant import NONE, Scheme
 from expert_store.store import ExpertStore, ExpertTensors
 
 
 @dataclass(frozen=True, slots=True)
 class SlotBank:
-    """One MoE layer's expert slots on the device. S = slots, I = expert intermediate, D = hidden."""
+    """One MoE layer's expert slots on the device, holding experts as the store holds them.
+    S = slots, I = expert intermediate, D = hidden.
+
+    An 8-bit ``scheme`` keeps the 8-bit weights and their float32 scales per output channel; the
+    expert forward dequantizes one slot at a time (``weights``)."""
 
     gate_up: torch.Tensor  # [S, 2I, D]
     down: torch.Tensor  # [S, D, I]
+    scheme: Scheme = NONE
+    gate_up_scale: torch.Tensor | None = None  # [S, 2I], float32, 8-bit schemes only
+    down_scale: torch.Tensor | None = None  # [S, D]
 
     @property
     def num_slots(self) -> int:
@@ -37,32 +45,70 @@ class SlotBank:
 
     @property
     def nbytes_per_slot(self) -> int:
-        return (self.gate_up[0].numel() + self.down[0].numel()) * self.gate_up.element_size()
+        """Bytes one expert occupies, scales included."""
+        return sum(part.nbytes for part in self.stacked()) // self.num_slots
+
+    @property
+    def dtype_name(self) -> str:
+        """The 8-bit scheme (``int8-channel``) or the slots' dtype (``bfloat16``)."""
+        return (
+            self.scheme.name if self.scheme.is_quantized else str(self.gate_up.dtype).removeprefix("torch.")
+        )
+
+    def parts(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """The slot's tensors in ``ExpertTensors.parts()`` order: weights, then scales if any."""
+        return tuple(bank[slot] for bank in self.stacked())
+
+    def weights(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, D], down [D, I]) of a slot in the compute ``dtype``: the slot itself when
+        stored in full precision, dequantized on the fly when 8-bit."""
+        if not self.scheme.is_quantized:
+            return self.gate_up[slot], self.down[slot]
+        return (
+            self.scheme.dequantize(self.gate_up[slot], self.gate_up_scale[slot], dtype),
+            self.scheme.dequantize(self.down[slot], self.down_scale[slot], dtype),
+        )
+
+    def stacked(self) -> tuple[torch.Tensor, ...]:
+        """Every slot's tensors together: [S, 2I, D], [S, D, I], then the scales if any."""
+        scales = (self.gate_up_scale, self.down_scale)
+        return (self.gate_up, self.down, *(t for t in scales if t is not None))
 
     @classmethod
     def allocate(
-        cls, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device
+        cls,
+        num_slots: int,
+        hidden: int,
+        intermediate: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scheme: Scheme = NONE,
     ):
+        """Slots of ``dtype``, or of the 8-bit ``scheme``'s weight dtype with float32 scales."""
+        if not scheme.is_quantized:
+            return cls(
+                gate_up=torch.zeros(num_slots, 2 * intermediate, hidden, dtype=dtype, device=device),
+                down=torch.zeros(num_slots, hidden, intermediate, dtype=dtype, device=device),
+            )
+        weight = scheme.weight_dtype
         return cls(
-            gate_up=torch.zeros(num_slots, 2 * intermediate, hidden, dtype=dtype, device=device),
-            down=torch.zeros(num_slots, hidden, intermediate, dtype=dtype, device=device),
+            gate_up=torch.zeros(num_slots, 2 * intermediate, hidden, dtype=weight, device=device),
+            down=torch.zeros(num_slots, hidden, intermediate, dtype=weight, device=device),
+            scheme=scheme,
+            gate_up_scale=torch.ones(num_slots, 2 * intermediate, dtype=torch.float32, device=device),
+            down_scale=torch.ones(num_slots, hidden, dtype=torch.float32, device=device),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class _Staging:
-    """One pinned host buffer of the ring and the event that marks its last transfer done."""
+    """One pinned host buffer per expert part and the event that marks their last transfer done."""
 
-    gate_up: torch.Tensor  # [2I, D], pinned, the store's dtype
-    down: torch.Tensor  # [D, I], pinned
+    parts: tuple[torch.Tensor, ...]  # pinned, as ExpertTensors.parts(): [2I, D], [D, I], scales
     done: torch.cuda.Event
 
     def fits(self, tensors: ExpertTensors) -> bool:
-        return (self.gate_up.shape, self.down.shape, self.gate_up.dtype) == (
-            tensors.gate_up.shape,
-            tensors.down.shape,
-            tensors.gate_up.dtype,
-        )
+        return [(t.shape, t.dtype) for t in self.parts] == [(t.shape, t.dtype) for t in tensors.parts()]
 
 
 class ExpertLoader:
@@ -94,9 +140,9 @@ class ExpertLoader:
         """Put ``key``'s expert into ``bank``'s ``slot``. CPU slots of the store's dtype are read into
         directly (1.12x the throughput of copying from a memory map that is then released, measured
         on a 2-core CPU); anything else is copied from the store's memory map."""
-        gate_up, down = bank.gate_up[slot], bank.down[slot]
-        if not self.is_cuda and store.can_read_into(gate_up) and store.can_read_into(down):
-            store.read_into(key, gate_up, down)
+        parts = bank.parts(slot)
+        if not self.is_cuda and store.can_read_into(*parts):
+            store.read_into(key, *parts)
             return
         tensors = store.expert(key)
         self.load(bank, slot, tensors)
@@ -106,24 +152,26 @@ class ExpertLoader:
     def load(self, bank: SlotBank, slot: int, tensors: ExpertTensors) -> None:
         """Copy one expert into ``bank``'s ``slot``. On CUDA the copy is queued: call ``wait`` before
         the compute stream reads the slot."""
+        targets, sources = bank.parts(slot), tensors.parts()
+        assert len(targets) == len(sources), "slots of the store's scheme"
         if not self.is_cuda:
-            bank.gate_up[slot].copy_(tensors.gate_up)
-            bank.down[slot].copy_(tensors.down)
+            for target, source in zip(targets, sources, strict=True):
+                target.copy_(source)
             return
         staging = self._staging_buffer(tensors)
-        staging.gate_up.copy_(tensors.gate_up)  # page cache -> pinned host memory
-        staging.down.copy_(tensors.down)
+        for buffer, source in zip(staging.parts, sources, strict=True):
+            buffer.copy_(source)  # page cache -> pinned host memory
         # The slot's previous expert may still be read by kernels queued on the compute stream.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             # A store dtype other than the slots' is converted on the device, on this stream.
-            bank.gate_up[slot].copy_(staging.gate_up, non_blocking=True)
-            bank.down[slot].copy_(staging.down, non_blocking=True)
+            for target, buffer in zip(targets, staging.parts, strict=True):
+                target.copy_(buffer, non_blocking=True)
             staging.done.record(self._stream)
         # The slots belong to the compute stream's allocations: should they be freed while a copy
         # is pending, the allocator must not hand their memory out before the copy is done.
-        bank.gate_up.record_stream(self._stream)
-        bank.down.record_stream(self._stream)
+        for whole in bank.stacked():
+            whole.record_stream(self._stream)
 
     def wait(self) -> None:
         """Make the current stream wait for every copy issued so far (the host does not block)."""
@@ -143,8 +191,7 @@ class ExpertLoader:
             staging.done.synchronize()
         self._ring = [
             _Staging(
-                gate_up=torch.empty(tensors.gate_up.shape, dtype=tensors.gate_up.dtype, pin_memory=True),
-                down=torch.empty(tensors.down.shape, dtype=tensors.down.dtype, pin_memory=True),
+                parts=tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors.parts()),
                 done=torch.cuda.Event(),
             )
             for _ in range(self.num_staging)

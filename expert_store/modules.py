@@ -81,8 +81,9 @@ class SlottedExperts(nn.Module):
         for wave in self.cache.waves(self.layer, needed):
             for expert, slot in wave:
                 token_idx, k_pos = torch.where(top_k_index == expert)  # [t], [t]
-                gate, up = F.linear(hidden[token_idx], self.bank.gate_up[slot]).chunk(2, dim=-1)  # [t, I] x2
-                expert_out = F.linear(self.act_fn(gate) * up, self.bank.down[slot])  # [t, D]
+                gate_up, down = self.bank.weights(slot, hidden.dtype)  # 8-bit slots: dequantized here
+                gate, up = F.linear(hidden[token_idx], gate_up).chunk(2, dim=-1)  # [t, I] x2
+                expert_out = F.linear(self.act_fn(gate) * up, down)  # [t, D]
                 if self.output_observer is not None:
                     self.output_observer(self.layer, expert, token_idx, expert_out)
                 expert_out = expert_out * top_k_weights[token_idx, k_pos, None]

@@ -112,6 +112,11 @@ class MoERuntime:
         return [block.experts for block in moe_blocks(self.model).values()]
 
     @property
+    def expert_dtype(self) -> str:
+        """How the slots hold experts: an 8-bit scheme (``int8-channel``) or a dtype (``bfloat16``)."""
+        return next(iter(self.cache.banks.values())).dtype_name
+
+    @property
     def dense_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
@@ -126,7 +131,7 @@ def load_runtime(store_dir: Path, config: RuntimeConfig | None = None) -> MoERun
     store = ExpertStore(store_dir, verify=config.verify)
     layout = store.layout
     dtype = runtime_dtype(store, config.dtype)
-    bytes_per_expert = layout.params_per_expert * torch.empty((), dtype=dtype).element_size()
+    bytes_per_expert = slot_bytes_per_expert(store, dtype)
     num_slots = config.slots_per_layer or layout.num_experts
     if config.expert_memory is not None:
         num_slots = slots_for_budget(layout, bytes_per_expert, config.expert_memory)
@@ -136,17 +141,20 @@ def load_runtime(store_dir: Path, config: RuntimeConfig | None = None) -> MoERun
         )
 
     banks = {
-        layer: SlotBank.allocate(num_slots, layout.hidden_size, layout.intermediate_size, dtype, device)
+        layer: SlotBank.allocate(
+            num_slots, layout.hidden_size, layout.intermediate_size, dtype, device, store.scheme
+        )
         for layer in layout.moe_layers
     }
     cache = ExpertCache(store, banks, ExpertLoader(device), device)
     model = build_model(store, device, dtype, banks, cache)
     logger.info(
-        "loaded %s: %d MoE layers x %d slots (%.1f MB of experts), dense %.1f MB on %s",
+        "loaded %s: %d MoE layers x %d slots (%.1f MB of %s experts), dense %.1f MB on %s",
         store.manifest.family,
         len(layout.moe_layers),
         num_slots,
         cache.capacity_bytes / 1e6,
+        next(iter(banks.values())).dtype_name,
         sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
         device,
     )
@@ -173,6 +181,14 @@ def build_model(
     if generation.exists():
         model.generation_config = GenerationConfig.from_pretrained(store.store_dir)
     return model
+
+
+def slot_bytes_per_expert(store: ExpertStore, dtype: torch.dtype) -> int:
+    """Device bytes one expert's slot takes: as stored (8-bit weights and their scales), or the
+    full-precision weights in the runtime ``dtype``. ``--expert-memory`` is divided by this."""
+    if store.scheme.is_quantized:
+        return store.manifest.bytes_per_expert
+    return store.layout.params_per_expert * torch.empty((), dtype=dtype).element_size()
 
 
 def runtime_dtype(store: ExpertStore, name: str | None) -> torch.dtype:

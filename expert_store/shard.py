@@ -29,6 +29,7 @@ from expert_store.families import Family, get_family
 from expert_store.hashing import sha256_file, xxh3_of
 from expert_store.keys import ExpertKey
 from expert_store.manifest import ExpertEntry, FileEntry, Manifest
+from expert_store.quant import Scheme, refuse_quantized_checkpoint, scale_name, scheme_for_expert_dtype
 from expert_store.safetensors_file import DTYPE_NAMES, read_header
 from expert_store.skeleton import MoELayout, dense_keys, empty_model, moe_layout
 
@@ -49,19 +50,27 @@ class _Plan:
 
 
 def shard_checkpoint(
-    model_dir: Path, store_dir: Path, *, force: bool = False, dense_shard_bytes: int = 2 << 30
+    model_dir: Path,
+    store_dir: Path,
+    *,
+    force: bool = False,
+    dense_shard_bytes: int = 2 << 30,
+    expert_dtype: str = "source",
 ) -> Manifest:
-    """Shard ``model_dir`` into ``store_dir`` and return the manifest written."""
+    """Shard ``model_dir`` into ``store_dir`` and return the manifest written.
+
+    ``expert_dtype`` says how the routed experts are stored: ``source`` as the checkpoint holds them,
+    ``bfloat16`` cast, ``int8`` or ``float8`` quantized with a scale per output channel
+    (expert_store/quant.py). Dense weights are always kept as they are."""
     model_dir, store_dir = Path(model_dir), Path(store_dir)
+    scheme = scheme_for_expert_dtype(expert_dtype)
     check_checkpoint_dir(model_dir)
     _check_output(store_dir, force)
     config = AutoConfig.from_pretrained(model_dir)
     family = get_family(config.model_type)
     if getattr(config, "quantization_config", None):
-        raise CheckpointError(
-            f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); taer shards "
-            "unquantized checkpoints: dequantize it to bfloat16 first"
-        )
+        refuse_quantized_checkpoint(config.quantization_config, model_dir)
+    cast = torch.bfloat16 if expert_dtype == "bfloat16" else None
     skeleton = empty_model(config)
     layout = moe_layout(skeleton)
     files = CheckpointFiles(model_dir)
@@ -73,7 +82,9 @@ def shard_checkpoint(
 
     try:
         with atomic_directory(store_dir) as tmp:
-            manifest = _write_store(tmp, files, plan, layout, family, model_dir, dense_shard_bytes)
+            manifest = _write_store(
+                tmp, files, plan, _Storage(layout, family, scheme, cast), model_dir, dense_shard_bytes
+            )
     finally:
         files.close()
     return manifest
@@ -128,15 +139,25 @@ def _check_complete(plan: _Plan, layout: MoELayout, expected: set[str], config) 
                 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Storage:
+    """What the store is of and how its experts are written."""
+
+    layout: MoELayout
+    family: Family
+    scheme: Scheme  # 8-bit schemes quantize each expert's weights
+    cast: torch.dtype | None  # full-precision experts cast to this dtype (None: as the source)
+
+
 def _write_store(
     out: Path,
     files: CheckpointFiles,
     plan: _Plan,
-    layout: MoELayout,
-    family: Family,
+    storage: _Storage,
     model_dir: Path,
     dense_shard_bytes: int,
 ) -> Manifest:
+    layout = storage.layout
     total = len(plan.dense) + len(layout.moe_layers)
     with tqdm(total=total, desc="sharding", unit="tensor") as progress:
         dense_files = _write_dense(out, files, plan, dense_shard_bytes, progress)
@@ -146,14 +167,18 @@ def _write_store(
         dtype = "unknown"
         for layer in layout.moe_layers:
             tensors = _layer_experts(files, plan, layer, layout.num_experts)
-            dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]
-            entry, layer_experts = _write_layer(out, layer, tensors, layout.num_experts)
+            if storage.cast is not None:
+                tensors = {name: tensor.to(storage.cast) for name, tensor in tensors.items()}
+            dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]  # what 8-bit experts dequantize to
+            if storage.scheme.is_quantized:
+                tensors = _quantize(tensors, storage.scheme)
+            entry, layer_experts = _write_layer(out, layer, tensors, layout.num_experts, storage.scheme)
             expert_files.append(entry)
             experts.update(layer_experts)
             progress.update(1)
     extra = _copy_side_files(model_dir, out)
     manifest = Manifest(
-        family=family.model_type,
+        family=storage.family.model_type,
         dtype=dtype,
         layout=layout,
         dense_files=dense_files,
@@ -163,6 +188,7 @@ def _write_store(
         source=str(model_dir.resolve()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         extra_files=extra,
+        expert_scheme=storage.scheme.name,
     )
     manifest.save(out)  # written last: a store without a manifest is never taken for complete
     return manifest
@@ -211,21 +237,31 @@ def _layer_experts(
     return tensors
 
 
+def _quantize(tensors: dict[str, torch.Tensor], scheme: Scheme) -> dict[str, torch.Tensor]:
+    """Each weight as 8 bits plus its float32 scale per output channel (``{name}_scale``)."""
+    quantized = {}
+    for name, weight in tensors.items():
+        quantized[name], quantized[scale_name(name)] = scheme.quantize(weight)
+    return quantized
+
+
 def _write_layer(
-    out: Path, layer: int, tensors: dict[str, torch.Tensor], num_experts: int
+    out: Path, layer: int, tensors: dict[str, torch.Tensor], num_experts: int, scheme: Scheme
 ) -> tuple[FileEntry, dict[ExpertKey, ExpertEntry]]:
     relative = f"experts/layer-{layer:03d}.safetensors"
     path = out / relative
-    save_file(tensors, str(path), metadata={"layer": str(layer)})
+    save_file(tensors, str(path), metadata={"layer": str(layer), "expert_scheme": scheme.name})
     infos = read_header(path)
     experts = {}
     for expert in range(num_experts):
-        gate_up, down = infos[f"{expert}.gate_up_proj"], infos[f"{expert}.down_proj"]
-        checksum = xxh3_of(
-            *(_bytes_of(tensors[f"{expert}.{part}"]) for part in ("gate_up_proj", "down_proj"))
-        )
+        names = [f"{expert}.gate_up_proj", f"{expert}.down_proj"]
+        if scheme.is_quantized:
+            names += [scale_name(name) for name in names]
+        ranges = [(infos[name].start, infos[name].end) for name in names]
+        checksum = xxh3_of(*(_bytes_of(tensors[name]) for name in names))  # weights, then scales
+        scales = ranges[2:] if scheme.is_quantized else [None, None]
         experts[ExpertKey(layer, expert)] = ExpertEntry(
-            relative, (gate_up.start, gate_up.end), (down.start, down.end), checksum
+            relative, ranges[0], ranges[1], checksum, scheme.name, *scales
         )
     return FileEntry(relative, path.stat().st_size, sha256_file(path)), experts
 

@@ -26,7 +26,8 @@ from expert_store.errors import CorruptExpertError, StoreError
 from expert_store.hashing import sha256_file, xxh3_of
 from expert_store.keys import ExpertKey
 from expert_store.manifest import Manifest
-from expert_store.safetensors_file import DTYPES, MappedFile
+from expert_store.quant import get_scheme
+from expert_store.safetensors_file import DTYPE_NAMES, DTYPES, MappedFile, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +36,22 @@ Verify = Literal["first", "always", "never"]
 
 @dataclass(frozen=True, slots=True)
 class ExpertTensors:
-    """One expert's weights: read-only views of the store's memory map (copy before writing)."""
+    """One expert's weights as stored: read-only views of the store's memory map (copy before
+    writing). 8-bit stores add each weight's float32 scale per output channel."""
 
     gate_up: torch.Tensor  # [2I, D]
     down: torch.Tensor  # [D, I]
+    gate_up_scale: torch.Tensor | None = None  # [2I]
+    down_scale: torch.Tensor | None = None  # [D]
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The tensors in the manifest's checksum order: weights, then scales if any."""
+        scales = (self.gate_up_scale, self.down_scale)
+        return (self.gate_up, self.down, *(t for t in scales if t is not None))
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        return sum(t.nbytes for t in self.parts())
 
 
 class ExpertStore:
@@ -59,9 +68,15 @@ class ExpertStore:
         self._fds: dict[str, int] = {}
         self._verified: set[ExpertKey] = set()
         layout = self.manifest.layout
-        self.dtype = DTYPES[self.manifest.dtype]
-        self._gate_up_shape = (2 * layout.intermediate_size, layout.hidden_size)
-        self._down_shape = (layout.hidden_size, layout.intermediate_size)
+        self.scheme = get_scheme(self.manifest.expert_scheme)
+        self.dtype = self.scheme.weight_dtype or DTYPES[self.manifest.dtype]  # of the stored weights
+        two_i, d, i = 2 * layout.intermediate_size, layout.hidden_size, layout.intermediate_size
+        # (dtype, shape) of each part, in ExpertTensors.parts() order
+        self._parts = [(self.dtype, (two_i, d)), (self.dtype, (d, i))]
+        if self.scheme.is_quantized:
+            self._parts += [(torch.float32, (two_i,)), (torch.float32, (d,))]
+        for entry in self.manifest.expert_files:
+            self._check_dtypes(entry.path)
 
     @property
     def layout(self):
@@ -78,36 +93,41 @@ class ExpertStore:
                     yield name, handle.get_tensor(name)
 
     def expert(self, key: ExpertKey) -> ExpertTensors:
-        """Views of one expert's bytes, checked against the manifest as ``verify`` says."""
+        """Views of one expert's bytes (weights and any scales), checked against the manifest as
+        ``verify`` says."""
         entry = self.manifest.entry(key)
         mapped = self._mapped(entry.file)
-        gate_up_raw = mapped.raw(*entry.gate_up)
-        down_raw = mapped.raw(*entry.down)
+        raws = [mapped.raw(*byte_range) for byte_range in entry.ranges]
         if self.verify == "always" or (self.verify == "first" and key not in self._verified):
-            if xxh3_of(gate_up_raw, down_raw) != entry.xxh3:
+            if xxh3_of(*raws) != entry.xxh3:
                 raise CorruptExpertError(str(mapped.path), key.layer, key.expert)
             self._verified.add(key)
         return ExpertTensors(
-            gate_up=_view(gate_up_raw, self.dtype, self._gate_up_shape),
-            down=_view(down_raw, self.dtype, self._down_shape),
+            *(_view(raw, dtype, shape) for raw, (dtype, shape) in zip(raws, self._parts, strict=True))
         )
 
-    def can_read_into(self, tensor: torch.Tensor) -> bool:
-        """Whether :meth:`read_into` can fill ``tensor``: CPU memory, contiguous, the store's dtype."""
-        return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype == self.dtype
+    def can_read_into(self, *parts: torch.Tensor) -> bool:
+        """Whether :meth:`read_into` can fill ``parts`` (ExpertTensors.parts() order): every part of
+        the expert given, each in CPU memory, contiguous, of the stored dtype."""
+        return len(parts) == len(self._parts) and all(
+            t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype
+            for t, (dtype, _) in zip(parts, self._parts, strict=True)
+        )
 
-    def read_into(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """Read one expert's bytes from its file into ``gate_up`` [2I, D] and ``down`` [D, I], checked
-        against the manifest as ``verify`` says. On a mismatch the destinations hold the bad bytes and
+    def read_into(self, key: ExpertKey, *parts: torch.Tensor) -> None:
+        """Read one expert's bytes from its file into ``parts``: ``gate_up`` [2I, D] and ``down``
+        [D, I], then for an 8-bit store their scales [2I] and [D]; checked against the manifest as
+        ``verify`` says. On a mismatch the destinations hold the bad bytes and
         :class:`CorruptExpertError` is raised: the caller must not use them."""
         entry = self.manifest.entry(key)
         path = self.store_dir / entry.file
         fd = self._fd(entry.file)
-        for (start, end), out in ((entry.gate_up, gate_up), (entry.down, down)):
-            assert self.can_read_into(out) and out.nbytes == end - start, "a slot of the store's layout"
+        assert self.can_read_into(*parts), "every part of an expert, as the store holds it"
+        for (start, end), out in zip(entry.ranges, parts, strict=True):
+            assert out.nbytes == end - start, "a slot of the store's layout"
             _read_exactly(fd, path, out.view(torch.uint8).reshape(-1).numpy(), start)
         if self.verify == "always" or (self.verify == "first" and key not in self._verified):
-            if xxh3_of(_bytes_of(gate_up), _bytes_of(down)) != entry.xxh3:
+            if xxh3_of(*(_bytes_of(out) for out in parts)) != entry.xxh3:
                 raise CorruptExpertError(str(path), key.layer, key.expert)
             self._verified.add(key)
 
@@ -115,8 +135,26 @@ class ExpertStore:
         """Drop an expert's mapped pages from this process once they have been copied (see MappedFile.release)."""
         entry = self.manifest.entry(key)
         mapped = self._mapped(entry.file)
-        mapped.release(*entry.gate_up)
-        mapped.release(*entry.down)
+        for byte_range in entry.ranges:
+            mapped.release(*byte_range)
+
+    def _check_dtypes(self, relative: str) -> None:
+        """The expert file's own header agrees with the manifest's scheme (weights' dtype, scales
+        present): bytes of one scheme are never read as another's."""
+        infos = read_header(self.store_dir / relative)
+        for name, info in infos.items():
+            expected = torch.float32 if name.endswith("_scale") else self.dtype
+            if info.dtype != expected:
+                raise StoreError(
+                    f"{self.store_dir / relative} holds {name} as {DTYPE_NAMES[info.dtype]} but the manifest "
+                    f"says experts are {self.manifest.expert_scheme!r} ({DTYPE_NAMES[self.dtype]}); "
+                    "re-run `taer shard`"
+                )
+        if self.scheme.is_quantized != any(name.endswith("_scale") for name in infos):
+            raise StoreError(
+                f"{self.store_dir / relative} {'lacks' if self.scheme.is_quantized else 'has'} scale tensors "
+                f"but the manifest says experts are {self.manifest.expert_scheme!r}; re-run `taer shard`"
+            )
 
     def _mapped(self, relative: str) -> MappedFile:
         if relative not in self._maps:

@@ -72,7 +72,12 @@ class StreamedModel:
         layout = self.store.layout
         torch_dtype = runtime_dtype(self.store, dtype)
         bank = SlotBank.allocate(
-            layout.num_experts, layout.hidden_size, layout.intermediate_size, torch_dtype, self.device
+            layout.num_experts,
+            layout.hidden_size,
+            layout.intermediate_size,
+            torch_dtype,
+            self.device,
+            self.store.scheme,
         )
         self.streamer = LayerStreamer(self.store, bank, self.device)
         self.model = build_model(

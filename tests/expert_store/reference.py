@@ -1,9 +1,12 @@
-"""An independent pruned-routing reference: the original transformers model whose routers have the
-pruned experts' scores set to -inf before the family's own scoring, selection and renormalisation."""
+"""Independent references: pruned routing (the original transformers model whose routers have the
+pruned experts' scores set to -inf before the family's own scoring, selection and renormalisation),
+and 8-bit experts (the original model with every expert's weights replaced by the store's
+dequantized ones)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import types
 
@@ -56,3 +59,19 @@ def pruned_reference(model: torch.nn.Module, selection: dict[int, list[int]]):
     finally:
         for step in undo:
             step()
+
+
+def dequantized_reference(model: torch.nn.Module, store) -> torch.nn.Module:
+    """A copy of ``model`` whose routed experts hold ``store``'s weights dequantized to the model's
+    dtype (``Scheme.dequantize``: q times its row's scale in float32, then cast)."""
+    reference = copy.deepcopy(model)
+    for key in store.manifest.experts:
+        stored = store.expert(key)
+        experts = reference.model.layers[key.layer].mlp.experts
+        with torch.no_grad():
+            for param, weight, scale in (
+                (experts.gate_up_proj, stored.gate_up, stored.gate_up_scale),
+                (experts.down_proj, stored.down, stored.down_scale),
+            ):
+                param[key.expert] = store.scheme.dequantize(weight, scale, param.dtype)
+    return reference

@@ -167,7 +167,8 @@ def test_read_into_equals_the_mapped_view(sharded):
     store = ExpertStore(store_dir, verify="always")
     expected = store.expert(ExpertKey(2, 3))
     gate_up, down = torch.empty_like(expected.gate_up), torch.empty_like(expected.down)
-    assert store.can_read_into(gate_up) and not store.can_read_into(gate_up.to(torch.float64))
+    assert store.can_read_into(gate_up, down) and not store.can_read_into(gate_up.to(torch.float64), down)
+    assert not store.can_read_into(gate_up)  # every part of the expert, or none
     store.read_into(ExpertKey(2, 3), gate_up, down)
     assert torch.equal(gate_up, expected.gate_up) and torch.equal(down, expected.down)
     store.close()
@@ -185,7 +186,7 @@ def test_a_corrupt_expert_loaded_into_a_slot_leaves_the_slot_free(sharded, tmp_p
     (copy / entry.file).write_bytes(bytes(data))
     runtime = load_runtime(copy, RuntimeConfig(slots_per_layer=4))
     try:
-        assert runtime.cache.store.can_read_into(runtime.cache.banks[1].gate_up[0])  # the direct read path
+        assert runtime.cache.store.can_read_into(*runtime.cache.banks[1].parts(0))  # the direct read path
         with pytest.raises(CorruptExpertError, match=r"layer 1, expert 5\) in .*layer-001.safetensors"):
             runtime.cache.prefetch({1: [4, 5]})
         assert 5 not in runtime.cache.resident()[1]  # never claimed by a slot holding bad bytes

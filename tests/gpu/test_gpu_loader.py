@@ -86,7 +86,7 @@ def test_staging_ring_is_pinned_and_bounded(bf16_store, device, cuda_only):
         loader.load(bank, expert, store.expert(ExpertKey(0, expert)))
     loader.wait()
     assert len(loader._ring) == 3
-    assert all(s.gate_up.is_pinned() and s.down.is_pinned() for s in loader._ring)
+    assert all(all(t.is_pinned() for t in s.parts) for s in loader._ring)
     torch.cuda.synchronize()
     assert all(_same_bytes(bank.down[e], store.expert(ExpertKey(0, e)).down) for e in range(8))
     store.close()
