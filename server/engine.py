@@ -17,14 +17,14 @@ from typing import Any
 from expert_store.errors import TaerError
 from retrieval.service import Route
 from server.detokenizer import IncrementalDetokenizer
-from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest
+from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
 from server.engine_core import EngineCore, EngineParts
 from server.scheduler import Sequence
 
 logger = logging.getLogger(__name__)
 
 
-class TaerEngine:
+class TaerEngine(ModelFacts):
     """Implements ``server.engine_api.Engine`` over ``EngineCore``."""
 
     def __init__(
@@ -80,18 +80,6 @@ class TaerEngine:
         if self._core is None:
             raise EngineNotReadyError("the model is still loading")
         return self._core.parts
-
-    @property
-    def tokenizer(self):
-        return self.parts.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.parts.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.parts.max_model_len
 
     async def generate(
         self, request: GenerationRequest, route: Route | None = None

@@ -205,6 +205,25 @@ class Tokenizer(Protocol):
         ...
 
 
+class ModelFacts:
+    """The contract's ``tokenizer``, ``model_name`` and ``max_model_len``, read from ``self.parts``
+    (what the engine loaded; it raises :class:`EngineNotReadyError` while loading)."""
+
+    parts: Any
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.parts.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.parts.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.parts.max_model_len
+
+
 class Engine(Protocol):
     """What the HTTP layer needs from the engine. See the module docstring for the rules.
 

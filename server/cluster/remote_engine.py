@@ -27,13 +27,13 @@ from ray.exceptions import RayError, RayTaskError
 from expert_store.errors import TaerError
 from retrieval.service import Route, RouteRequest
 from server.cluster.state import REPORT_PERIOD_S, ReplicaReport
-from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest
+from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
 from server.loading import RoutingParts
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteEngine:
+class RemoteEngine(ModelFacts):
     """``server.engine_api.Engine`` over a model deployment's handle."""
 
     def __init__(
@@ -104,18 +104,6 @@ class RemoteEngine:
         if self._parts is None:
             raise EngineNotReadyError("the model is still loading")
         return self._parts
-
-    @property
-    def tokenizer(self):
-        return self.parts.tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.parts.model_name
-
-    @property
-    def max_model_len(self) -> int:
-        return self.parts.max_model_len
 
     @property
     def reports(self) -> list[ReplicaReport]:
