@@ -137,6 +137,7 @@ class TaerEngine(ModelFacts):
             "slots_per_layer": cache.num_slots,
             "num_experts": parts.runtime.layout.num_experts,
             "resident_experts": {str(layer): experts for layer, experts in cache.resident().items()},
+            "expert_dtype": parts.runtime.expert_dtype,
             "resident_expert_bytes": cache.resident_bytes,
             "expert_capacity_bytes": cache.capacity_bytes,
             "cache": {

@@ -120,6 +120,7 @@ class EngineCore:
     ) -> None:
         self.parts = parts
         self.metrics = metrics
+        metrics.set_expert_capacity(parts.runtime.cache.capacity_bytes, parts.runtime.expert_dtype)
         self.scheduler = make_scheduler(scheduler, parts.runtime.num_slots, max_batch_size, max_waiting)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.batch: list[Sequence] = []

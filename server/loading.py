@@ -6,11 +6,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from expert_store.errors import BudgetError
 from expert_store.modes import MODES, Mode
-from expert_store.runtime import RuntimeConfig, load_runtime, runtime_dtype, slots_for_budget
+from expert_store.runtime import (
+    RuntimeConfig,
+    load_runtime,
+    runtime_dtype,
+    slot_bytes_per_expert,
+    slots_for_budget,
+)
 from expert_store.store import ExpertStore
 from retrieval.build import INDEX_SUBDIR
 from retrieval.calibrate import load_patterns_for_store
@@ -56,12 +60,13 @@ class ServeConfig:
             raise BudgetError(f"unknown mode {self.mode!r}; use {', '.join(MODES[:-1])} or {MODES[-1]}")
 
 
-def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_param: int) -> tuple[Budget, int]:
-    """(selection budget, slots per layer) for this store."""
+def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_expert: int) -> tuple[Budget, int]:
+    """(selection budget, slots per layer) for this store, whose experts take ``bytes_per_expert``
+    in a slot."""
     layout = store.layout
     slots = config.slots_per_layer
     if config.expert_memory is not None:
-        slots = slots_for_budget(layout, layout.params_per_expert * bytes_per_param, config.expert_memory)
+        slots = slots_for_budget(layout, bytes_per_expert, config.expert_memory)
     if config.keep is not None:
         budget = Budget(keep=config.keep)
     elif config.experts_per_layer is not None:
@@ -85,11 +90,12 @@ def plan_budget(config: ServeConfig, store: ExpertStore, bytes_per_param: int) -
 
 
 def _plan(config: ServeConfig) -> tuple[Budget, int]:
-    """``plan_budget`` for the store, in the dtype the runtime will load it in."""
+    """``plan_budget`` for the store, its slots as the runtime will hold them (8-bit experts as
+    stored, scales included; others in the runtime's dtype)."""
     store = ExpertStore(config.store_dir)
     try:
         dtype = runtime_dtype(store, config.torch_dtype_name)
-        return plan_budget(config, store, torch.empty((), dtype=dtype).element_size())
+        return plan_budget(config, store, slot_bytes_per_expert(store, dtype))
     finally:
         store.close()
 

@@ -142,6 +142,13 @@ class EngineMetrics:
             "Bytes of expert weights resident on the device.",
             registry=registry,
         )
+        self._capacity_bytes = Gauge(
+            f"{PREFIX}_expert_capacity_bytes",
+            "Bytes of the device's expert slots, by how they hold experts (an 8-bit scheme such as "
+            "int8-channel, with its scales, or a dtype such as bfloat16).",
+            ["dtype"],
+            registry=registry,
+        )
 
     def set_queue_length(self, count: int) -> None:
         self._queue_length.set(count)
@@ -168,6 +175,9 @@ class EngineMetrics:
 
     def set_resident_expert_bytes(self, num_bytes: int) -> None:
         self._resident_bytes.set(num_bytes)
+
+    def set_expert_capacity(self, num_bytes: int, dtype: str) -> None:
+        self._capacity_bytes.labels(dtype=dtype).set(num_bytes)
 
 
 class Metrics:

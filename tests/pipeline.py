@@ -49,15 +49,17 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_pipeline(root: Path, family: str = "qwen3_moe", with_index: bool = True) -> tuple[Path, Path]:
-    """(store dir, patterns dir) under ``root``."""
+def build_pipeline(
+    root: Path, family: str = "qwen3_moe", with_index: bool = True, expert_dtype: str = "source"
+) -> tuple[Path, Path]:
+    """(store dir, patterns dir) under ``root``; ``expert_dtype`` as `taer shard --expert-dtype`."""
     from expert_store.shard import shard_checkpoint
     from retrieval.build import build_index_for_tasks
     from retrieval.calibrate import CalibrationOptions, calibrate
 
     save_tiny(family, root / "ckpt")
     char_tokenizer().save_pretrained(root / "ckpt")
-    shard_checkpoint(root / "ckpt", root / "store")
+    shard_checkpoint(root / "ckpt", root / "store", expert_dtype=expert_dtype)
     tasks = root / "tasks"
     tasks.mkdir()
     entries = []
