@@ -40,8 +40,8 @@ _STOP_SCHEMA = {
 }
 _PROMPT_SCHEMA = {
     "anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
     ],
     "description": "one text prompt: a string, or a list holding one string",
 }
@@ -277,6 +277,17 @@ class CompletionRequest(_OpenAISampling):
             raise ValueError("send exactly one prompt per request (a string)")
         return value
 
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        return _non_empty(value)
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise ValueError("the prompt is empty; send some text")
+    return text
+
 
 class TgiParameters(_EdgeModel):
     """TGI's ``parameters``. ``do_sample: false`` (the default) decodes greedily whatever the
@@ -323,9 +334,16 @@ class TgiParameters(_EdgeModel):
 class TgiRequest(_EdgeModel):
     """``POST /generate`` and ``POST /generate_stream``; ``taer`` is the extension."""
 
-    inputs: str
+    # minLength by a validator, not pydantic's min_length: that one reads the string before the
+    # lone-surrogate check can name the field.
+    inputs: str = Field(json_schema_extra={"minLength": 1})
     parameters: TgiParameters = Field(default_factory=TgiParameters)
     taer: TaerRequest | None = None
+
+    @field_validator("inputs", mode="after")
+    @classmethod
+    def _inputs_have_text(cls, value: str) -> str:
+        return _non_empty(value)
 
 
 # Responses ------------------------------------------------------------------------------------------

@@ -125,3 +125,18 @@ async def test_every_published_bound_is_the_servers():
                 assert_openai_error(await client.post(path, json=request), 400, field)
                 checked.add(field)
         assert {"seed", "repetition_penalty", "top_p", "parameters.seed", "max_tokens"} <= checked
+
+
+async def test_an_empty_prompt_is_outside_the_schema_and_refused():
+    async with app_client(FakeEngine()) as client:
+        openapi = (await client.get("/openapi.json")).json()
+        schemas = openapi["components"]["schemas"]
+        assert schemas["TgiRequest"]["properties"]["inputs"]["minLength"] == 1
+        text, one_text_list = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+        assert text["minLength"] == 1 and one_text_list["items"]["minLength"] == 1
+        for path, body, param in (
+            ("/v1/completions", {"prompt": ""}, "prompt"),
+            ("/v1/completions", {"prompt": [""]}, "prompt"),
+            ("/generate", {"inputs": ""}, "inputs"),
+        ):
+            assert_openai_error(await client.post(path, json=body), 400, param)
