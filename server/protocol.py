@@ -1,11 +1,12 @@
 """Request and response bodies of the HTTP API (OpenAI and TGI shapes). Pydantic lives here only.
 
-Request models are strict (``"0.5"`` is not a number, ``1.0`` is not an integer) and ignore
-fields they do not know, as OpenAI clients send many. Fields whose silent omission would change
-the answer (``n > 1``, ``logprobs``, ``tools``, non-zero presence/frequency penalties, ``echo``,
-...) are declared so that anything but their "off" value is refused with a message naming the
-field. Presence and frequency penalties are refused rather than mapped onto the repetition
-penalty: they are additive and count-based, and no mapping gives the same distribution.
+Request models are strict (``"0.5"`` is not a number, ``"16"`` is not an integer; ``16.0`` is
+one, as JSON Schema has it, ``16.5`` is not) and ignore fields they do not know, as OpenAI clients
+send many. Fields whose silent omission would change the answer (``n > 1``, ``logprobs``,
+``tools``, non-zero presence/frequency penalties, ``echo``, ...) are declared so that anything but
+their "off" value is refused with a message naming the field. Presence and frequency penalties are
+refused rather than mapped onto the repetition penalty: they are additive and count-based, and no
+mapping gives the same distribution.
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ class _EdgeModel(_TextChecked):
 
     # field name -> (values that mean "off", why anything else is refused)
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON does not tell 16 from 16.0, and JSON Schema's "integer" holds both.
+        if isinstance(value, float) and value.is_integer() and cls._is_integer_field(info.field_name):
+            return int(value)
+        return value
+
+    @classmethod
+    def _is_integer_field(cls, name: str | None) -> bool:
+        field = cls.model_fields.get(name or "")
+        return field is not None and field.annotation in (int, int | None)
 
     @field_validator("*", mode="after")
     @classmethod

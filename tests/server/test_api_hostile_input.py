@@ -155,3 +155,23 @@ async def test_fuzzed_bodies_never_get_a_5xx(hf_tokenizer):  # noqa: F811
                 error = response.json()["error"]
                 assert set(error) == {"message", "type", "param", "code"}, response.text
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_integers_written_with_a_zero_fraction_are_integers():
+    # JSON Schema's "integer" holds 16.0, and a client generated from /openapi.json may send it.
+    async with app_client(FakeEngine()) as client:
+        served = await _post(client, "/v1/completions", {"prompt": "a", "max_tokens": 3.0, "seed": 7.0})
+        assert served.status_code == 200, served.text
+        assert served.json()["usage"]["completion_tokens"] <= 3
+        tgi = await _post(
+            client, "/generate", {"inputs": "a", "parameters": {"max_new_tokens": 2.0, "top_k": 5.0}}
+        )
+        assert tgi.status_code == 200, tgi.text
+        for body, param in (
+            ({"prompt": "a", "max_tokens": 3.5}, "max_tokens"),
+            ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
+            ({"prompt": "a", "seed": 1e300}, "seed"),
+            ({"messages": [{"role": "user", "content": "a"}], "top_k": True}, "top_k"),
+        ):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            assert_openai_error(await _post(client, path, body), 400, param)
