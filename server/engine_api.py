@@ -157,6 +157,7 @@ class RoutingInfo:
     cosine similarity of the best retrieval match and ``confidence`` the vote's confidence, both
     ``None`` when no retrieval ran (task forced, or mode ``full``). ``experts_loaded`` counts the
     experts copied to the device for this request; ``experts_reused`` those already resident.
+    ``replica`` is the model replica that served it (a cluster's; ``None`` in one process).
     """
 
     task: str | None
@@ -165,6 +166,7 @@ class RoutingInfo:
     confidence: float | None = None
     experts_loaded: int = 0
     experts_reused: int = 0
+    replica: str | None = None
 
 
 @dataclass(slots=True)

@@ -299,6 +299,7 @@ def routing_headers(routing: RoutingInfo | None) -> dict[str, str]:
         "x-taer-confidence": None if routing.confidence is None else f"{routing.confidence:.4f}",
         "x-taer-mode": routing.mode,
         "x-taer-experts-loaded": str(routing.experts_loaded),
+        "x-taer-replica": routing.replica,
     }
     return {name: value for name, value in values.items() if value is not None}
 

@@ -14,6 +14,7 @@ loaded by the engine when the request runs, as in the single process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -97,6 +98,8 @@ def model_deployment(options: ReplicaOptions):
                 await self._hold_pattern(task)
             self._served.labels(task=route.task or "full").inc()
             async for output in self._engine.generate(request, route):
+                if output.routing is not None:
+                    output.routing = dataclasses.replace(output.routing, replica=self._replica)
                 yield output
 
         @serve.multiplexed(max_num_models_per_replica=options.tasks_per_replica)

@@ -40,8 +40,10 @@ async def test_chat_completion_shape_usage_and_taer(client, engine):
         "mode": "pruned",
         "experts_loaded": 8,
         "experts_reused": 0,
+        "replica": None,
     }
     assert response.headers["x-taer-task"] == "sort"
+    assert "x-taer-replica" not in response.headers  # one process
     assert response.headers["x-taer-similarity"] == "0.9000"
     assert response.headers["x-taer-mode"] == "pruned"
     assert response.headers["x-taer-experts-loaded"] == "8"

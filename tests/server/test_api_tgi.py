@@ -20,6 +20,7 @@ async def test_generate_without_details(client):
             "mode": "pruned",
             "experts_loaded": 8,
             "experts_reused": 0,
+            "replica": None,
         },
     }
     assert response.headers["x-taer-task"] == "general"
