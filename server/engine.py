@@ -31,12 +31,10 @@ class TaerEngine(ModelFacts):
         self,
         load: Callable[[], EngineParts],
         max_batch_size: int = 16,
-        max_waiting: int = 256,
         scheduler: str = "fifo",
     ) -> None:
         self._load = load
         self._max_batch_size = max_batch_size
-        self._max_waiting = max_waiting
         self._scheduler = scheduler
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None
@@ -52,7 +50,7 @@ class TaerEngine(ModelFacts):
     def _main(self, metrics) -> None:
         try:
             parts = self._load()
-            self._core = EngineCore(parts, metrics, self._max_batch_size, self._max_waiting, self._scheduler)
+            self._core = EngineCore(parts, metrics, self._max_batch_size, self._scheduler)
             self._ready.set()
             logger.info("engine ready: %s", parts.model_name)
             self._core.run_forever()

@@ -22,7 +22,7 @@ import torch
 from expert_store.errors import TaerError
 from expert_store.runtime import MoERuntime
 from retrieval.service import PatternRouter, RouteRequest
-from server.engine_api import GenerationOutput, QueueFullError, RoutingInfo
+from server.engine_api import GenerationOutput, RoutingInfo
 from server.model_runner import BatchRunner
 from server.sampling import make_generator, next_token
 from server.scheduler import Sequence
@@ -115,13 +115,12 @@ class EngineCore:
         parts: EngineParts,
         metrics,
         max_batch_size: int = 16,
-        max_waiting: int = 256,
         scheduler: str = "fifo",
     ) -> None:
         self.parts = parts
         self.metrics = metrics
         metrics.set_expert_capacity(parts.runtime.cache.capacity_bytes, parts.runtime.expert_dtype)
-        self.scheduler = make_scheduler(scheduler, parts.runtime.num_slots, max_batch_size, max_waiting)
+        self.scheduler = make_scheduler(scheduler, parts.runtime.num_slots, max_batch_size)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.batch: list[Sequence] = []
         self.runner: BatchRunner | None = None
@@ -138,9 +137,8 @@ class EngineCore:
     # Called from other threads -------------------------------------------------------------------
 
     def submit(self, sequence: Sequence) -> None:
+        # No bound here: the HTTP layer's admission (max_queue) is the one limit on what waits.
         with self._lock:
-            if self.num_waiting + len(self.scheduler.waiting) >= self.scheduler.max_waiting:
-                raise QueueFullError(f"{self.num_waiting} requests are already waiting; retry later")
             self.num_waiting += 1
             self._unadded.add(sequence.request_id)
         if sequence.route is not None:  # routed by the caller (the cluster's ingress): no retrieval here

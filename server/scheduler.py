@@ -48,12 +48,9 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(
-        self, num_slots: int, max_batch_size: int, max_waiting: int, max_overtakes: int = 16
-    ) -> None:
+    def __init__(self, num_slots: int, max_batch_size: int, max_overtakes: int = 16) -> None:
         self.num_slots = num_slots
         self.max_batch_size = max_batch_size
-        self.max_waiting = max_waiting
         self.max_overtakes = max_overtakes
         self.waiting: deque[Sequence] = deque()
 

@@ -39,12 +39,11 @@ class SwitchAwareScheduler(Scheduler):
         self,
         num_slots: int,
         max_batch_size: int,
-        max_waiting: int,
         quantum: int | None = None,
         max_switches: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(num_slots, max_batch_size, max_waiting)
+        super().__init__(num_slots, max_batch_size)
         self.quantum = quantum if quantum is not None else 2 * max_batch_size
         self.max_switches = max_switches
         self.clock = clock
@@ -142,10 +141,10 @@ def _task(sequence: Sequence) -> TaskKey:
 SCHEDULERS = ("fifo", "switch-aware")
 
 
-def make_scheduler(policy: str, num_slots: int, max_batch_size: int, max_waiting: int) -> Scheduler:
+def make_scheduler(policy: str, num_slots: int, max_batch_size: int) -> Scheduler:
     """The batching policy by name: ``fifo`` (the oldest waiting request leads) or ``switch-aware``."""
     if policy == "fifo":
-        return Scheduler(num_slots, max_batch_size, max_waiting)
+        return Scheduler(num_slots, max_batch_size)
     if policy == "switch-aware":
-        return SwitchAwareScheduler(num_slots, max_batch_size, max_waiting)
+        return SwitchAwareScheduler(num_slots, max_batch_size)
     raise ValueError(f"unknown scheduler {policy!r}; choose one of {', '.join(SCHEDULERS)}")

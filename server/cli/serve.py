@@ -62,7 +62,12 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_env("PORT", 8000, int))
     parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")
-    parser.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256, int))
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env("MAX_QUEUE", 256, int),
+        help="generation requests in flight (waiting or running) before new ones get 429 (TAER_MAX_QUEUE)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=_env("MAX_BATCH_SIZE", 16, int))
     parser.add_argument(
         "--scheduler",
@@ -164,7 +169,6 @@ def run(args: argparse.Namespace) -> int:
     engine = TaerEngine(
         lambda: load_engine_parts(config),
         max_batch_size=args.max_batch_size,
-        max_waiting=args.max_queue,
         scheduler=args.scheduler,
     )
     settings = ServerSettings(
@@ -190,7 +194,6 @@ def _run_cluster(args: argparse.Namespace, config, settings) -> int:
     replicas = ReplicaOptions(
         num_replicas=args.replicas,
         max_batch_size=args.max_batch_size,
-        max_waiting=args.max_queue,
         scheduler=args.scheduler,
         max_ongoing_requests=args.replica_max_ongoing or args.max_batch_size,
         tasks_per_replica=tasks_per_replica(config, args.replicas),

@@ -45,7 +45,6 @@ class ReplicaOptions:
 
     num_replicas: int = 2
     max_batch_size: int = 16
-    max_waiting: int = 256
     scheduler: str = "fifo"
     max_ongoing_requests: int = 16
     tasks_per_replica: int = 1
@@ -83,7 +82,6 @@ def model_deployment(options: ReplicaOptions):
             self._engine = TaerEngine(
                 partial(load_engine_parts, config, with_index=False),
                 max_batch_size=options.max_batch_size,
-                max_waiting=options.max_waiting,
                 scheduler=options.scheduler,
             )
             await self._engine.start(EngineMetrics(registry))

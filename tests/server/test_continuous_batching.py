@@ -116,7 +116,7 @@ def _sequence(name: str, selection: dict[int, list[int]] | None) -> Sequence:
 
 
 def test_joiners_pass_a_request_that_does_not_fit_a_bounded_number_of_times():
-    scheduler = Scheduler(num_slots=4, max_batch_size=8, max_waiting=8, max_overtakes=2)
+    scheduler = Scheduler(num_slots=4, max_batch_size=8, max_overtakes=2)
     running = [_sequence("run", {0: [0, 1]})]
     big = _sequence("big", {0: [4, 5, 6]})  # with the running batch's 2: 5 experts > 4 slots
     scheduler.waiting.extend([_sequence("fits", {0: [0, 3]}), big, _sequence("small", {0: [1, 2]})])
@@ -132,14 +132,14 @@ def test_joiners_pass_a_request_that_does_not_fit_a_bounded_number_of_times():
 
 
 def test_with_no_overtakes_joining_stops_at_the_first_request_that_does_not_fit():
-    scheduler = Scheduler(num_slots=4, max_batch_size=8, max_waiting=8, max_overtakes=0)
+    scheduler = Scheduler(num_slots=4, max_batch_size=8, max_overtakes=0)
     running = [_sequence("run", {0: [0, 1]})]
     scheduler.waiting.extend([_sequence("big", {0: [4, 5, 6]}), _sequence("small", {0: [1, 2]})])
     assert scheduler.form_batch(running=running) == []
 
 
 def test_joining_respects_the_batch_size():
-    scheduler = Scheduler(num_slots=8, max_batch_size=3, max_waiting=8)
+    scheduler = Scheduler(num_slots=8, max_batch_size=3)
     running = [_sequence("a", {0: [0]}), _sequence("b", {0: [1]})]
     scheduler.waiting.extend([_sequence("c", {0: [2]}), _sequence("d", {0: [3]})])
     assert [s.request_id for s in scheduler.form_batch(running=running)] == ["c"]

@@ -14,7 +14,7 @@ from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.selection import Budget
 from retrieval.service import PatternRouter
-from server.engine_api import GenerationRequest, QueueFullError, SamplingParams, TaerOptions
+from server.engine_api import GenerationRequest, SamplingParams, TaerOptions
 from server.loading import ServeConfig
 
 PROMPTS = [
@@ -129,20 +129,4 @@ async def test_abort_stops_generation_and_sampling_is_reproducible(pipeline):
         )
         assert forced[1][0].routing.task == "arithmetic" and forced[1][0].routing.similarity is None
     finally:
-        await engine.shutdown()
-
-
-@pytest.mark.anyio
-async def test_full_queue_is_refused(pipeline):
-    store, patterns = pipeline
-    engine = await started_engine(ServeConfig(store, patterns, keep=0.5), max_waiting=1)
-    try:
-        core = engine._core
-        core.num_waiting = 1  # as if one request were already waiting
-        with pytest.raises(QueueFullError):
-            await engine.generate(
-                GenerationRequest("x", [5, 6], "hi", SamplingParams(max_tokens=2))
-            ).__anext__()
-    finally:
-        core.num_waiting = 0
         await engine.shutdown()

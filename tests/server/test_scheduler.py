@@ -42,7 +42,7 @@ def _sequence(name: str, task: str, arrived: float) -> Sequence:
 
 def _scheduler(quantum=4, max_switches=4, batch=2, slots=2) -> tuple[SwitchAwareScheduler, Clock]:
     clock = Clock()
-    return SwitchAwareScheduler(slots, batch, 64, quantum, max_switches, clock), clock
+    return SwitchAwareScheduler(slots, batch, quantum, max_switches, clock), clock
 
 
 def _add(scheduler: SwitchAwareScheduler, tasks: str, start: float = 0.0) -> None:
@@ -154,10 +154,10 @@ def test_requests_sharing_experts_with_the_resident_task_join_it():
 
 
 def test_the_policy_is_chosen_by_name():
-    assert type(make_scheduler("fifo", 4, 2, 8)) is Scheduler
-    assert isinstance(make_scheduler("switch-aware", 4, 2, 8), SwitchAwareScheduler)
+    assert type(make_scheduler("fifo", 4, 2)) is Scheduler
+    assert isinstance(make_scheduler("switch-aware", 4, 2), SwitchAwareScheduler)
     with pytest.raises(ValueError, match="unknown scheduler"):
-        make_scheduler("lifo", 4, 2, 8)
+        make_scheduler("lifo", 4, 2)
 
 
 def _closed_loop(scheduler: Scheduler, clock: Clock, clients: int, total: int = 400) -> tuple[float, int]:
@@ -191,8 +191,8 @@ def _closed_loop(scheduler: Scheduler, clock: Clock, clients: int, total: int = 
 @pytest.mark.parametrize("clients", [16, 64])
 def test_under_closed_loop_mixed_traffic_switches_and_waits_are_no_worse_than_fifo(clients):
     fifo_clock, aware_clock = Clock(), Clock()
-    fifo = _closed_loop(Scheduler(2, 16, 256), fifo_clock, clients)
-    aware = _closed_loop(SwitchAwareScheduler(2, 16, 256, clock=aware_clock), aware_clock, clients)
+    fifo = _closed_loop(Scheduler(2, 16), fifo_clock, clients)
+    aware = _closed_loop(SwitchAwareScheduler(2, 16, clock=aware_clock), aware_clock, clients)
     assert aware[0] <= fifo[0] and aware[1] <= fifo[1]
 
 
