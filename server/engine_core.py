@@ -127,7 +127,6 @@ class EngineCore:
         self.stopping = False
         self._last_tasks: frozenset = frozenset()
         self._lock = threading.Lock()
-        self.num_waiting = 0  # submitted, not yet in the scheduler's queue (being routed, or in the inbox)
         self.retrieval = RetrievalThread(parts, metrics, deliver=self._arrive, fail=self._fail)
         self._unadded: set[str] = set()  # submitted ids the engine thread has not added yet
         self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
@@ -139,7 +138,6 @@ class EngineCore:
     def submit(self, sequence: Sequence) -> None:
         # No bound here: the HTTP layer's admission (max_queue) is the one limit on what waits.
         with self._lock:
-            self.num_waiting += 1
             self._unadded.add(sequence.request_id)
         if sequence.route is not None:  # routed by the caller (the cluster's ingress): no retrieval here
             self._arrive(sequence)
@@ -212,7 +210,6 @@ class EngineCore:
 
     def _add(self, sequence: Sequence) -> None:
         with self._lock:
-            self.num_waiting -= 1
             self._unadded.discard(sequence.request_id)
         if sequence.request_id in self._cancelled:  # aborted while it was being routed
             self._cancelled.discard(sequence.request_id)
