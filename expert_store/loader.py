@@ -30,14 +30,14 @@ class SlotBank:
     """One MoE layer's expert slots on the device, holding experts as the store holds them.
     S = slots, I = expert intermediate, D = hidden.
 
-    An 8-bit ``scheme`` keeps the 8-bit weights and their float32 scales per output channel; the
-    expert forward dequantizes one slot at a time (``weights``)."""
+    An 8-bit ``scheme`` keeps the 8-bit weights and their float32 scales (per output channel, or per
+    128x128 block for ``float8-block128``); the expert forward dequantizes one slot at a time (``weights``)."""
 
     gate_up: torch.Tensor  # [S, 2I, D]
     down: torch.Tensor  # [S, D, I]
     scheme: Scheme = NONE
-    gate_up_scale: torch.Tensor | None = None  # [S, 2I], float32, 8-bit schemes only
-    down_scale: torch.Tensor | None = None  # [S, D]
+    gate_up_scale: torch.Tensor | None = None  # [S, 2I] (blocks: [S, 2I/128, D/128]), 8-bit only
+    down_scale: torch.Tensor | None = None  # [S, D] (blocks: [S, D/128, I/128]), float32
 
     @property
     def num_slots(self) -> int:
@@ -95,8 +95,12 @@ class SlotBank:
             gate_up=torch.zeros(num_slots, 2 * intermediate, hidden, dtype=weight, device=device),
             down=torch.zeros(num_slots, hidden, intermediate, dtype=weight, device=device),
             scheme=scheme,
-            gate_up_scale=torch.ones(num_slots, 2 * intermediate, dtype=torch.float32, device=device),
-            down_scale=torch.ones(num_slots, hidden, dtype=torch.float32, device=device),
+            gate_up_scale=torch.ones(
+                num_slots, *scheme.scale_shape(2 * intermediate, hidden), dtype=torch.float32, device=device
+            ),
+            down_scale=torch.ones(
+                num_slots, *scheme.scale_shape(hidden, intermediate), dtype=torch.float32, device=device
+            ),
         )
 
 

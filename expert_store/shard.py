@@ -3,6 +3,9 @@
 Peak memory is one MoE layer's experts (or one dense shard, ``dense_shard_bytes``), never the
 whole checkpoint. Everything is written to a temporary sibling directory that is renamed into place
 only once complete, so an interrupted run never leaves a store that looks valid.
+
+An FP8 checkpoint with 128x128 block scales keeps its routed experts as they are, block scales and
+all, and has its dense weights dequantized to bfloat16 (expert_store/fp8_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ from expert_store.atomic import atomic_directory
 from expert_store.checkpoint import INDEX_FILE, CheckpointFiles, check_checkpoint_dir
 from expert_store.errors import CheckpointError, StoreExistsError
 from expert_store.families import Family, get_family
+from expert_store.fp8_checkpoint import (
+    DEQUANTIZED_DTYPE,
+    check_fp8_experts,
+    drop_quantization_config,
+    read_blocks,
+    read_tensor,
+)
 from expert_store.hashing import sha256_file, xxh3_of
 from expert_store.keys import ExpertKey
 from expert_store.manifest import ExpertEntry, FileEntry, Manifest
-from expert_store.quant import Scheme, refuse_quantized_checkpoint, scale_name, scheme_for_expert_dtype
+from expert_store.quant import NONE, Scheme, checkpoint_scheme, scale_name, scheme_for_expert_dtype
 from expert_store.safetensors_file import DTYPE_NAMES, read_header
 from expert_store.skeleton import MoELayout, dense_keys, empty_model, moe_layout
 
@@ -61,20 +71,25 @@ def shard_checkpoint(
 
     ``expert_dtype`` says how the routed experts are stored: ``source`` as the checkpoint holds them,
     ``bfloat16`` cast, ``int8`` or ``float8`` quantized with a scale per output channel
-    (expert_store/quant.py). Dense weights are always kept as they are."""
+    (expert_store/quant.py). Dense weights are kept as they are, except an FP8 checkpoint's, which
+    are dequantized to bfloat16; its experts stay FP8 with their block scales under ``source`` and
+    are dequantized to bfloat16 first under any other choice."""
     model_dir, store_dir = Path(model_dir), Path(store_dir)
     scheme = scheme_for_expert_dtype(expert_dtype)
     check_checkpoint_dir(model_dir)
     _check_output(store_dir, force)
     config = AutoConfig.from_pretrained(model_dir)
     family = get_family(config.model_type)
-    if getattr(config, "quantization_config", None):
-        refuse_quantized_checkpoint(config.quantization_config, model_dir)
+    source = checkpoint_scheme(getattr(config, "quantization_config", None), model_dir)
+    if expert_dtype == "source":
+        scheme = source
     cast = torch.bfloat16 if expert_dtype == "bfloat16" else None
     skeleton = empty_model(config)
     layout = moe_layout(skeleton)
     files = CheckpointFiles(model_dir)
     plan = _plan(files, family, layout, dense_keys(skeleton), config)
+    if source.is_quantized:
+        check_fp8_experts(bool(plan.fused), layout.intermediate_size, source.block, scheme is source)
     if plan.skipped:
         logger.warning(
             "ignoring %d tensors the model does not use, e.g. %s", len(plan.skipped), plan.skipped[0]
@@ -83,7 +98,7 @@ def shard_checkpoint(
     try:
         with atomic_directory(store_dir) as tmp:
             manifest = _write_store(
-                tmp, files, plan, _Storage(layout, family, scheme, cast), model_dir, dense_shard_bytes
+                tmp, files, plan, _Storage(layout, family, scheme, cast, source), model_dir, dense_shard_bytes
             )
     finally:
         files.close()
@@ -111,8 +126,8 @@ def _plan(files: CheckpointFiles, family: Family, layout: MoELayout, expected: s
             plan.fused[int(fused.group(1))][fused.group(2)] = name
         elif canonical in expected:
             plan.dense[canonical] = name
-        else:
-            plan.skipped.append(name)
+        elif not name.endswith("_scale_inv") or name.removesuffix("_scale_inv") not in files.routing:
+            plan.skipped.append(name)  # (an FP8 weight's scale is read with its weight)
     _check_complete(plan, layout, expected, config)
     return plan
 
@@ -147,6 +162,12 @@ class _Storage:
     family: Family
     scheme: Scheme  # 8-bit schemes quantize each expert's weights
     cast: torch.dtype | None  # full-precision experts cast to this dtype (None: as the source)
+    source: Scheme = NONE  # how the checkpoint holds its weights (an FP8 checkpoint: float8-block128)
+
+    @property
+    def keeps_source(self) -> bool:
+        """Experts are written as the quantized checkpoint holds them, scales and all."""
+        return self.source.is_quantized and self.scheme is self.source
 
 
 def _write_store(
@@ -160,23 +181,28 @@ def _write_store(
     layout = storage.layout
     total = len(plan.dense) + len(layout.moe_layers)
     with tqdm(total=total, desc="sharding", unit="tensor") as progress:
-        dense_files = _write_dense(out, files, plan, dense_shard_bytes, progress)
+        dense_files = _write_dense(out, files, plan, storage.source, dense_shard_bytes, progress)
         (out / "experts").mkdir()
         experts: dict[ExpertKey, ExpertEntry] = {}
         expert_files = []
         dtype = "unknown"
         for layer in layout.moe_layers:
-            tensors = _layer_experts(files, plan, layer, layout.num_experts)
+            tensors = _layer_experts(files, plan, layer, layout.num_experts, storage)
             if storage.cast is not None:
                 tensors = {name: tensor.to(storage.cast) for name, tensor in tensors.items()}
-            dtype = DTYPE_NAMES[next(iter(tensors.values())).dtype]  # what 8-bit experts dequantize to
-            if storage.scheme.is_quantized:
+            # what 8-bit experts dequantize to
+            dtype = DTYPE_NAMES[
+                DEQUANTIZED_DTYPE if storage.source.is_quantized else next(iter(tensors.values())).dtype
+            ]
+            if storage.scheme.is_quantized and not storage.keeps_source:
                 tensors = _quantize(tensors, storage.scheme)
             entry, layer_experts = _write_layer(out, layer, tensors, layout.num_experts, storage.scheme)
             expert_files.append(entry)
             experts.update(layer_experts)
             progress.update(1)
     extra = _copy_side_files(model_dir, out)
+    if storage.source.is_quantized:
+        drop_quantization_config(out / "config.json")
     manifest = Manifest(
         family=storage.family.model_type,
         dtype=dtype,
@@ -195,7 +221,7 @@ def _write_store(
 
 
 def _write_dense(
-    out: Path, files: CheckpointFiles, plan: _Plan, limit: int, progress: tqdm
+    out: Path, files: CheckpointFiles, plan: _Plan, source: Scheme, limit: int, progress: tqdm
 ) -> list[FileEntry]:
     entries, pending, pending_bytes = [], {}, 0
 
@@ -207,7 +233,7 @@ def _write_dense(
         pending, pending_bytes = {}, 0
 
     for store_name, checkpoint_name in sorted(plan.dense.items()):
-        tensor = files.get(checkpoint_name).contiguous()
+        tensor = read_tensor(files, checkpoint_name, source).contiguous()
         pending[store_name] = tensor
         pending_bytes += tensor.numel() * tensor.element_size()
         progress.update(1)
@@ -219,21 +245,30 @@ def _write_dense(
 
 
 def _layer_experts(
-    files: CheckpointFiles, plan: _Plan, layer: int, num_experts: int
+    files: CheckpointFiles, plan: _Plan, layer: int, num_experts: int, storage: _Storage
 ) -> dict[str, torch.Tensor]:
-    """One layer's experts as ``{e}.gate_up_proj`` [2I, D] and ``{e}.down_proj`` [D, I]."""
+    """One layer's experts as ``{e}.gate_up_proj`` [2I, D] and ``{e}.down_proj`` [D, I]; an FP8
+    checkpoint's either with their block scales (``{name}_scale``, [2I/128, D/128] and [D/128, I/128],
+    ragged last blocks rounded up) or dequantized."""
     tensors = {}
     fused = plan.fused.get(layer)
     for expert in range(num_experts):
         if fused:
-            gate_up = files.get_rows(fused["gate_up_proj"], expert)
-            down = files.get_rows(fused["down_proj"], expert)
-        else:
-            parts = plan.per_expert[ExpertKey(layer, expert)]
-            gate_up = torch.cat([files.get(parts["gate"]), files.get(parts["up"])], dim=0)  # [2I, D]
-            down = files.get(parts["down"])  # [D, I]
-        tensors[f"{expert}.gate_up_proj"] = gate_up.contiguous()
-        tensors[f"{expert}.down_proj"] = down.contiguous()
+            tensors[f"{expert}.gate_up_proj"] = files.get_rows(fused["gate_up_proj"], expert).contiguous()
+            tensors[f"{expert}.down_proj"] = files.get_rows(fused["down_proj"], expert).contiguous()
+            continue
+        parts = plan.per_expert[ExpertKey(layer, expert)]
+        for name, projections in (
+            (f"{expert}.gate_up_proj", ("gate", "up")),
+            (f"{expert}.down_proj", ("down",)),
+        ):
+            names = [parts[projection] for projection in projections]
+            if storage.keeps_source:
+                tensors[name], tensors[scale_name(name)] = read_blocks(files, names)
+            else:
+                tensors[name] = torch.cat(
+                    [read_tensor(files, n, storage.source) for n in names], dim=0
+                ).contiguous()
     return tensors
 
 

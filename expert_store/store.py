@@ -37,12 +37,12 @@ Verify = Literal["first", "always", "never"]
 @dataclass(frozen=True, slots=True)
 class ExpertTensors:
     """One expert's weights as stored: read-only views of the store's memory map (copy before
-    writing). 8-bit stores add each weight's float32 scale per output channel."""
+    writing). 8-bit stores add each weight's float32 scale, per output channel or per block."""
 
     gate_up: torch.Tensor  # [2I, D]
     down: torch.Tensor  # [D, I]
-    gate_up_scale: torch.Tensor | None = None  # [2I]
-    down_scale: torch.Tensor | None = None  # [D]
+    gate_up_scale: torch.Tensor | None = None  # [2I] (blocks of 128: [ceil(2I/128), ceil(D/128)])
+    down_scale: torch.Tensor | None = None  # [D] (blocks of 128: [ceil(D/128), ceil(I/128)])
 
     def parts(self) -> tuple[torch.Tensor, ...]:
         """The tensors in the manifest's checksum order: weights, then scales if any."""
@@ -74,7 +74,8 @@ class ExpertStore:
         # (dtype, shape) of each part, in ExpertTensors.parts() order
         self._parts = [(self.dtype, (two_i, d)), (self.dtype, (d, i))]
         if self.scheme.is_quantized:
-            self._parts += [(torch.float32, (two_i,)), (torch.float32, (d,))]
+            scales = (self.scheme.scale_shape(two_i, d), self.scheme.scale_shape(d, i))
+            self._parts += [(torch.float32, shape) for shape in scales]
         for entry in self.manifest.expert_files:
             self._check_dtypes(entry.path)
 

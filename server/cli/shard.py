@@ -16,8 +16,9 @@ def register(subparsers) -> None:
         "--expert-dtype",
         choices=("source", "bfloat16", "float8", "int8"),
         default="source",
-        help="how routed experts are stored: as the checkpoint holds them, cast to bfloat16, or 8-bit "
-        "(int8 or float8 e4m3) with a float32 scale per output channel, dequantized in the expert forward",
+        help="how routed experts are stored: as the checkpoint holds them (an FP8 checkpoint's with their "
+        "128x128 block scales), cast to bfloat16, or 8-bit (int8 or float8 e4m3) with a float32 scale per "
+        "output channel, dequantized in the expert forward",
     )
     parser.set_defaults(func=run)
 

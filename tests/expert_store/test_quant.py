@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import pytest
@@ -233,11 +234,13 @@ QUANTIZED_CHECKPOINTS = [
     ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "AWQ"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes 4-bit"),
     ({"quant_method": "mxfp4"}, "MXFP4"),
+    ({"quant_method": "fp8", "fmt": "e4m3"}, "FP8 without weight_block_size"),
+    ({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64]}, "FP8 with 64x64 block scales"),
     (
-        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
-        "FP8 with 128x128 block scales",
+        {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
+        "FP8 with 128x128 block scales (e4m3, static activations)",
     ),
-]
+]  # FP8 e4m3 with 128x128 block scales and dynamic activations is read: test_fp8_checkpoint.py
 
 
 @pytest.mark.parametrize(("quantization_config", "label"), QUANTIZED_CHECKPOINTS)
@@ -247,7 +250,7 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, capsys, quantiz
     config = json.loads((checkpoint / "config.json").read_text())
     config["quantization_config"] = quantization_config
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=f"quantized with {label} .*--expert-dtype int8"):
+    with pytest.raises(CheckpointError, match=f"quantized with {re.escape(label)} .*--expert-dtype int8"):
         shard_checkpoint(checkpoint, tmp_path / "store")
     capsys.readouterr()
     assert main(["shard", str(checkpoint), str(tmp_path / "store")]) == 2
