@@ -371,6 +371,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=SoakSettings().clients)
     parser.add_argument("--requests", type=int, default=SoakSettings().requests)
     parser.add_argument("--max-tokens", type=int, default=SoakSettings().max_tokens)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=SoakSettings().warmup_requests,
+        help="requests of the same mix sent before the RSS baseline is read",
+    )
     parser.add_argument("--per-task", type=int, default=6, help="prompts per task")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -386,7 +392,11 @@ def main(args: argparse.Namespace) -> int:
     if tasks is None:
         raise SystemExit("give --tasks (the TASKS.yaml the store was calibrated with) with --store")
     settings = SoakSettings(
-        clients=args.clients, requests=args.requests, max_tokens=args.max_tokens, seed=args.seed
+        clients=args.clients,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        warmup_requests=args.warmup,
+        seed=args.seed,
     )
     spec = taer_spec(store, patterns, 0.5, free_port(), name="soak")
     if args.slots_per_layer:
