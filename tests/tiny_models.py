@@ -85,7 +85,11 @@ def tiny_config(family: str, num_experts: int = 8, top_k: int = 2) -> Pretrained
 def tiny_model(family: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32).eval()
-    # Random init leaves routers near-uniform and biases at zero: spread them so routing matters.
+    return spread_routers(model)
+
+
+def spread_routers(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves routers near-uniform and biases at zero: spread them so routing matters."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from reference import pruned_reference
 from safetensors.torch import load_file, save_file
-from tiny_models import padded_inputs, tiny_config
+from tiny_models import padded_inputs, spread_routers, tiny_config
 from transformers import AutoModelForCausalLM
 
 from expert_store.errors import CheckpointError
@@ -43,15 +43,7 @@ def _tiny_fp8_model(moe_intermediate: int) -> torch.nn.Module:
     config.intermediate_size = 200  # the dense first layer's MLP: ragged too
     config.moe_intermediate_size = moe_intermediate
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # spread the routers, as tiny_models does, so routing matters
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0, 0.5)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.uniform_(-0.1, 0.1)
-    return model
+    return spread_routers(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
 
 
 def _quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
