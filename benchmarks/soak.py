@@ -34,6 +34,7 @@ import httpx
 
 from benchmarks.common import machine_info, markdown_table, write_json
 from benchmarks.servers import ServerProcess, free_port, taer_spec
+from benchmarks.serving import resolve_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -383,14 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    store, patterns, tasks = args.store, args.patterns, args.tasks
-    if store is None or patterns is None:
-        from demo.prepare import DemoPaths, prepare_demo
-
-        prepared = prepare_demo(DemoPaths.under(args.data))
-        store, patterns, tasks = prepared.store, prepared.patterns, tasks or prepared.tasks_file
-    if tasks is None:
-        raise SystemExit("give --tasks (the TASKS.yaml the store was calibrated with) with --store")
+    inputs = resolve_inputs(args.data, args.store, args.patterns, None, args.tasks)
+    store, patterns, tasks = inputs.store, inputs.patterns, inputs.tasks
     settings = SoakSettings(
         clients=args.clients,
         requests=args.requests,
