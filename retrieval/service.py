@@ -19,6 +19,7 @@ from retrieval.index import TaskIndex
 from retrieval.patterns import PatternSet
 from retrieval.selection import Budget, Selection, merge, select
 from retrieval.tasks_file import GENERAL
+from retrieval.vote import RetrievalResult
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ class Route:
     similarity: float | None = None
     confidence: float | None = None
     retrieval_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteExplanation:
+    """A route and the retrieval that chose it (``None`` when none ran: a forced task, the full
+    model, or no index)."""
+
+    route: Route
+    retrieval: RetrievalResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,10 @@ class PatternRouter:
 
     def route(self, requests: Sequence[RouteRequest]) -> list[Route]:
         """One route per request; the texts that need retrieval are embedded together."""
+        return [explanation.route for explanation in self.explain(requests)]
+
+    def explain(self, requests: Sequence[RouteRequest]) -> list[RouteExplanation]:
+        """:meth:`route`, with the retrieval result behind each route (its neighbours and vote)."""
         to_retrieve = [
             i for i, r in enumerate(requests) if r.task is None and (r.mode or self.default_mode) != "full"
         ]
@@ -83,29 +97,23 @@ class PatternRouter:
             results = self.index.query([requests[i].text for i in to_retrieve], k=self.k)
             seconds = (time.perf_counter() - start) / len(to_retrieve)
             retrieved = dict(zip(to_retrieve, results, strict=True))
-        routes = []
-        for i, request in enumerate(requests):
-            mode = request.mode or self.default_mode
-            if mode == "full":
-                routes.append(Route(None, "full", None))
-            elif request.task is not None:
-                routes.append(Route(request.task, mode, self.selection(request.task)))
-            elif i in retrieved:
-                result = retrieved[i]
-                task, key = result.task, result.task
-                if (
-                    self.merge_close_calls
-                    and result.close_call
-                    and result.runner_up
-                    and not result.is_fallback
-                ):
-                    key = f"{result.task}+{result.runner_up}"
-                routes.append(
-                    Route(task, mode, self.selection(key), result.similarity, result.confidence, seconds)
-                )
-            else:
-                routes.append(Route(GENERAL, mode, self.selection(GENERAL), None, None))
-        return routes
+        return [self._decide(request, retrieved.get(i), seconds) for i, request in enumerate(requests)]
+
+    def _decide(
+        self, request: RouteRequest, result: RetrievalResult | None, seconds: float
+    ) -> RouteExplanation:
+        mode = request.mode or self.default_mode
+        if mode == "full":
+            return RouteExplanation(Route(None, "full", None))
+        if request.task is not None:
+            return RouteExplanation(Route(request.task, mode, self.selection(request.task)))
+        if result is None:  # no index: the general pattern serves everything
+            return RouteExplanation(Route(GENERAL, mode, self.selection(GENERAL), None, None))
+        key = result.task
+        if self.merge_close_calls and result.close_call and result.runner_up and not result.is_fallback:
+            key = f"{result.task}+{result.runner_up}"
+        route = Route(result.task, mode, self.selection(key), result.similarity, result.confidence, seconds)
+        return RouteExplanation(route, result)
 
     def selection(self, task: str) -> LayerSelection:
         """The retained experts of ``task`` ("a+b" merges two tasks' TCESS) in decoder-layer terms."""
