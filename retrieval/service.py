@@ -8,6 +8,7 @@ client's choices, and gets back the task, the mode and the selection in decoder-
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class PatternRouter:
         self.k = k
         self.moe_layers: list[int] = list(patterns.metadata.get("moe_layers", []))
         self._selection = lru_cache(maxsize=256)(self._select)
+        # One query at a time: a fast tokenizer called from two threads at once can fail ("Already
+        # borrowed"), and a dry run (server/introspection.py) may query beside the retrieval thread.
+        self._query_lock = threading.Lock()
 
     @property
     def task_names(self) -> list[str]:
@@ -94,7 +98,8 @@ class PatternRouter:
         seconds = 0.0
         if to_retrieve and self.index is not None:
             start = time.perf_counter()
-            results = self.index.query([requests[i].text for i in to_retrieve], k=self.k)
+            with self._query_lock:
+                results = self.index.query([requests[i].text for i in to_retrieve], k=self.k)
             seconds = (time.perf_counter() - start) / len(to_retrieve)
             retrieved = dict(zip(to_retrieve, results, strict=True))
         return [self._decide(request, retrieved.get(i), seconds) for i, request in enumerate(requests)]
