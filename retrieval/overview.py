@@ -11,7 +11,7 @@ from retrieval.service import PatternRouter
 
 TCESS_DIGITS = 5
 """Decimals kept of each TCESS value: a picture needs no more, and a DeepSeek-V3-sized table
-(58 x 256 per task) stays a few hundred kB of JSON."""
+(58 x 256) is about 120 kB of JSON per task."""
 
 
 @dataclass(frozen=True, slots=True)
