@@ -29,6 +29,8 @@ from server.serving import ServingChat, ServingCompletion
 from server.serving_tgi import ServingTGI
 from server.settings import ServerSettings
 from server.shutdown import Drain
+from server.taer_routes import add_taer_routes
+from server.web import add_page_routes, is_page_path
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ def create_app(engine: Engine, settings: ServerSettings, metrics: Metrics | None
     app.state.tgi = ServingTGI(context)
     app.state.started = int(time.time())
     _add_routes(app)
+    add_taer_routes(app, context)
+    add_page_routes(app)
     install_error_handlers(app)
     install_openapi(app, engine)
     known_paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
@@ -135,7 +139,8 @@ class RequestGuard:
     any request but ``/health`` while the engine loads (503), and a declared ``Content-Length``
     over ``max_body_bytes`` (413). It also counts the body as it streams in (a chunked body has no
     length), answers an unexpected exception with a generic 500, and counts every response by
-    endpoint and status.
+    endpoint and status. The web page's static files (``server/web``) pass like ``/health``:
+    they hold no data, and every call the page makes needs the key.
     """
 
     def __init__(
@@ -186,7 +191,7 @@ class RequestGuard:
             self.metrics.record_request(endpoint, status)
 
     def _refusal(self, scope: Scope) -> ApiError | None:
-        if scope["path"] == HEALTH_PATH:
+        if scope["path"] == HEALTH_PATH or is_page_path(scope["path"]):  # the page holds no data
             return None
         if self.drain.is_draining:
             return ApiError(

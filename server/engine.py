@@ -19,12 +19,13 @@ from retrieval.service import Route
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
 from server.engine_core import EngineCore, EngineParts
+from server.introspection import PatternIntrospection
 from server.scheduler import Sequence
 
 logger = logging.getLogger(__name__)
 
 
-class TaerEngine(ModelFacts):
+class TaerEngine(ModelFacts, PatternIntrospection):
     """Implements ``server.engine_api.Engine`` over ``EngineCore``."""
 
     def __init__(
@@ -86,28 +87,35 @@ class TaerEngine(ModelFacts):
         ``None`` routes it here."""
         if not self.is_ready:
             raise EngineNotReadyError("the model is still loading")
+        sampling = request.sampling
+        if sampling.constraint is not None:  # compiled here, off the engine thread (and cached)
+            await asyncio.to_thread(self._core.check_constraint, sampling.constraint)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        sequence = Sequence(
-            request=request,
-            emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
-            route=route,
-        )
-        self._core.submit(sequence)
-        finished = False
+        group = [
+            Sequence(
+                request=request,
+                emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, sampling.stop),
+                route=route,
+                index=index,
+            )
+            for index in range(sampling.n)
+        ]
+        self._core.submit(group)
+        unfinished = sampling.n
         try:
             while True:
                 item = await outputs.get()
-                if isinstance(item, BaseException):
-                    finished = True
+                if isinstance(item, BaseException):  # the finally aborts its other samples
                     raise item
                 yield item
                 if item.finished:
-                    finished = True
-                    return
+                    unfinished -= 1
+                    if unfinished == 0:
+                        return
         finally:
-            if not finished:
+            if unfinished:
                 self._core.abort(request.request_id)
 
     async def abort(self, request_id: str) -> None:

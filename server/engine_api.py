@@ -19,8 +19,9 @@ Rules of the contract, in one place:
   :class:`~expert_store.errors.UnknownTaskError` (404) or
   :class:`~expert_store.errors.RequestError` (its ``status``, 400 by default) from the first
   ``__anext__`` at the latest. Any other exception is a server fault (500, logged).
-- Outputs are deltas. The last output, and only the last, has ``finished=True`` and a
-  ``finish_reason``; the iterator ends right after it.
+- Outputs are deltas, each of one sample (``index``, ``0 <= index < sampling.n``). A sample's last
+  output, and only that one, has ``finished=True`` and a ``finish_reason``; the iterator ends right
+  after the last sample's last output (with ``n == 1``: after the one finished output).
 - The HTTP layer stops iterating early when the client disconnects, the request times out or the
   response fails. It then calls ``await engine.abort(request_id)`` and then ``aclose()`` on the
   iterator (when it has one), shielded from cancellation. The engine must free the request's
@@ -30,6 +31,10 @@ Rules of the contract, in one place:
 - Nothing in the engine blocks the event loop: torch, FAISS and the encoder run in the engine's own
   thread; ``generate`` only awaits results handed over from it (for example through an
   ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``).
+- Introspection only reads: :meth:`Engine.describe`, :meth:`Engine.pattern_tables` and
+  :meth:`Engine.preview_route` (the web page's data, ``server/taer_routes.py``). ``preview_route``
+  routes a text exactly as ``generate`` would (off the event loop) but generates and loads nothing.
+  ``server/introspection.py`` implements the last two for an engine with a pattern router.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ from expert_store.errors import RequestError, TaerError
 from expert_store.modes import MODES, Mode
 
 if TYPE_CHECKING:
+    from retrieval.overview import PatternTables
+    from server.introspection import RoutePreview
     from server.metrics import EngineMetrics
+    from server.structured import OutputConstraint
 
 
 class QueueFullError(TaerError):
@@ -64,6 +72,11 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 """Bounds on the repetition penalty: the penalised logits stay finite in float32 (5e-324 divided
 them into infinities, and sampling failed on the NaN probabilities that followed)."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_N = 16
+"""Samples per request (``n``): each is a running sequence, and a batch holds at most
+``max_batch_size`` of them."""
+MAX_LOGPROBS = 20
+"""Alternatives per token in ``logprobs``/``prompt_logprobs`` (OpenAI's bound for ``top_logprobs``)."""
 GREEDY_BELOW_TEMPERATURE = 1e-5
 """A temperature this small decodes greedily, as vLLM does: dividing the logits by it would
 overflow them to infinity, and the distribution it asks for is the argmax anyway."""
@@ -79,6 +92,15 @@ class SamplingParams:
     ``repetition_penalty`` is the multiplicative (CTRL / Hugging Face) penalty; 1 turns it off.
     ``stop`` strings end generation and are not part of the returned text. ``ignore_eos`` keeps
     generating past the end-of-sequence token until ``max_tokens``.
+
+    ``n`` samples are drawn from one prefill; with a ``seed``, sample ``i`` uses ``seed + i``.
+    ``logprobs`` (``None``: off) asks for each generated token's log probability and the
+    ``logprobs`` most likely alternatives; ``prompt_logprobs`` the same for the prompt's tokens
+    (the first has none). Log probabilities are the model's own distribution under the request's
+    routing, before the repetition penalty, temperature, top-k/top-p and any output constraint
+    (vLLM's default, ``raw_logprobs``). ``max_tokens == 0`` generates nothing and is only allowed
+    with ``prompt_logprobs`` (scoring a prompt). ``constraint`` restricts the output to a JSON
+    schema or a regular expression (``server/structured.py``).
     """
 
     max_tokens: int = 16
@@ -89,9 +111,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: OutputConstraint | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self.max_tokens, "max_tokens", minimum=1)
+        _check_int(self.max_tokens, "max_tokens", minimum=0)
+        _check_int(self.n, "n", minimum=1, maximum=MAX_N)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, minimum=0, maximum=MAX_LOGPROBS)
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise RequestError(
+                "max_tokens = 0 generates nothing; it is only allowed when scoring the prompt (echo "
+                "with logprobs)",
+                param="max_tokens",
+            )
         _check_number(self.temperature, "temperature", minimum=0.0)
         _check_number(self.top_p, "top_p", minimum=0.0, inclusive_minimum=False, maximum=1.0)
         _check_int(self.top_k, "top_k", minimum=0)
@@ -169,6 +205,16 @@ class RoutingInfo:
     replica: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log probability, and the most likely alternatives at its position (``top``:
+    ``(token_id, logprob)`` pairs, most likely first; as many as the request asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class GenerationOutput:
     """One step of a generation, as :meth:`Engine.generate` yields it.
@@ -182,6 +228,11 @@ class GenerationOutput:
     ``finished``; ``stop_reason`` is the stop string that matched (``None`` for an
     end-of-sequence token or another finish reason). ``routing`` must be set on the first output;
     later outputs may leave it ``None``.
+
+    ``index`` is the sample (of ``sampling.n``) the output belongs to; each sample has its own
+    totals. ``logprobs`` is one entry per ``token_ids`` entry when the request asked for them;
+    ``prompt_logprobs`` (one entry per prompt token, the first ``None``) comes on each sample's
+    first output when asked for.
     """
 
     request_id: str
@@ -193,12 +244,21 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     routing: RoutingInfo | None = None
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer the HTTP layer uses (``PreTrainedTokenizerBase`` fits)."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+    def __len__(self) -> int:
+        """The vocabulary's size: token ids are ``0 <= id < len(tokenizer)``."""
+        ...
 
     def apply_chat_template(
         self, conversation: list[dict[str, str]], *, add_generation_prompt: bool, tokenize: bool
@@ -229,8 +289,9 @@ class ModelFacts:
 class Engine(Protocol):
     """What the HTTP layer needs from the engine. See the module docstring for the rules.
 
-    ``tokenizer``, ``model_name``, ``max_model_len``, ``task_names`` and ``describe`` are only
-    read once ``is_ready`` is true (the HTTP layer answers 503 before that).
+    ``tokenizer``, ``model_name``, ``max_model_len``, ``task_names``, ``describe``,
+    ``pattern_tables`` and ``preview_route`` are only used once ``is_ready`` is true (the HTTP
+    layer answers 503 before that).
     """
 
     @property
@@ -281,6 +342,17 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable state for ``GET /v1/taer/patterns``: tasks, resident experts per
         layer, cache statistics."""
+        ...
+
+    def pattern_tables(self) -> PatternTables:
+        """For ``GET /v1/taer/tcess``: per task (``general`` included) its TCESS [layer][expert] and
+        retained experts per layer under the budget; the super experts."""
+        ...
+
+    async def preview_route(self, text: str, options: TaerOptions) -> RoutePreview:
+        """Where a request with ``retrieval_text=text`` and ``taer=options`` would go, and which of
+        its experts are not resident now; nothing is generated or loaded. May raise
+        :class:`~expert_store.errors.UnknownTaskError`."""
         ...
 
 

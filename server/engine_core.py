@@ -16,17 +16,22 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from expert_store.errors import TaerError
+from expert_store.errors import RequestError, TaerError
 from expert_store.runtime import MoERuntime
 from retrieval.service import PatternRouter, RouteRequest
-from server.engine_api import GenerationOutput, RoutingInfo
+from server.engine_api import GenerationOutput, RoutingInfo, TokenLogprob
+from server.logprobs import score_token, score_tokens
 from server.model_runner import BatchRunner
 from server.sampling import make_generator, next_token
 from server.scheduler import Sequence
 from server.switch_scheduler import make_scheduler
+
+if TYPE_CHECKING:
+    from server.structured import GrammarCompiler, OutputConstraint
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +51,15 @@ class EngineParts:
 class RetrievalThread:
     """The retrieval thread: routes submitted requests (embeds them, chooses their patterns), as
     many together as have arrived, so that retrieval overlaps with decoding instead of stalling
-    every running sequence. Each routed sequence goes to ``deliver``; a request that cannot be
-    routed goes to ``fail`` and then to ``deliver`` without a route (so it is counted as arrived)."""
+    every running sequence. A request is a group of sequences (its samples) sharing one route. Each
+    routed group goes to ``deliver``; a request that cannot be routed goes to ``fail`` (each
+    sequence) and then to ``deliver`` without a route (so it is counted as arrived)."""
 
     def __init__(
         self,
         parts: EngineParts,
         metrics,
-        deliver: Callable[[Sequence], None],
+        deliver: Callable[[list[Sequence]], None],
         fail: Callable[[Sequence, BaseException], None],
     ) -> None:
         self._parts = parts  # its router is read per batch: a test may swap it
@@ -66,8 +72,9 @@ class RetrievalThread:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, sequence: Sequence) -> None:
-        self._pending.put(sequence)
+    def put(self, group: list[Sequence]) -> None:
+        """Route one request's samples (they share one route)."""
+        self._pending.put(group)
 
     def stop(self) -> None:
         """Route what was submitted before, then end the thread."""
@@ -89,24 +96,27 @@ class RetrievalThread:
             if stop:
                 return
 
-    def _route(self, pending: list[Sequence]) -> None:
+    def _route(self, pending: list[list[Sequence]]) -> None:
         requests = [
-            RouteRequest(s.request.retrieval_text, s.request.taer.task, s.request.taer.mode) for s in pending
+            RouteRequest(g[0].request.retrieval_text, g[0].request.taer.task, g[0].request.taer.mode)
+            for g in pending
         ]
         try:
             routes = self._parts.router.route(requests)
         except Exception as error:  # a request's own fault (TaerError) or a retrieval fault: fail them
             if not isinstance(error, TaerError):
                 logger.exception("retrieval failed")
-            for sequence in pending:
-                self._fail(sequence, error)
-                self._deliver(sequence)  # with no route: only counted as arrived
+            for group in pending:
+                for sequence in group:
+                    self._fail(sequence, error)
+                self._deliver(group)  # with no route: only counted as arrived
             return
-        for sequence, route in zip(pending, routes, strict=True):
-            sequence.route = route
+        for group, route in zip(pending, routes, strict=True):
+            for sequence in group:
+                sequence.route = route
             if route.retrieval_seconds:
                 self._metrics.observe_retrieval(route.retrieval_seconds)
-            self._deliver(sequence)
+            self._deliver(group)
 
 
 class EngineCore:
@@ -132,17 +142,19 @@ class EngineCore:
         self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
         self._arrivals = 0  # requests added to the scheduler's queue so far
         self._nothing_joins: tuple | None = None  # what the last join attempt that found none saw
+        self._grammars: GrammarCompiler | None = None
 
     # Called from other threads -------------------------------------------------------------------
 
-    def submit(self, sequence: Sequence) -> None:
+    def submit(self, group: list[Sequence]) -> None:
+        """Hand in one request: its samples, one sequence each, all with the same route or none."""
         # No bound here: the HTTP layer's admission (max_queue) is the one limit on what waits.
         with self._lock:
-            self._unadded.add(sequence.request_id)
-        if sequence.route is not None:  # routed by the caller (the cluster's ingress): no retrieval here
-            self._arrive(sequence)
+            self._unadded.add(group[0].request_id)
+        if group[0].route is not None:  # routed by the caller (the cluster's ingress): no retrieval here
+            self._arrive(group)
         else:
-            self.retrieval.put(sequence)
+            self.retrieval.put(group)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -150,9 +162,9 @@ class EngineCore:
     def stop(self) -> None:
         self.inbox.put(("stop", None))
 
-    def _arrive(self, sequence: Sequence) -> None:
-        """Hand a routed sequence (or one whose routing failed) to the engine thread."""
-        self.inbox.put(("add", sequence))
+    def _arrive(self, group: list[Sequence]) -> None:
+        """Hand a routed request (or one whose routing failed) to the engine thread."""
+        self.inbox.put(("add", group))
 
     # The engine thread ---------------------------------------------------------------------------
 
@@ -208,15 +220,17 @@ class EngineCore:
             except queue.Empty:
                 return
 
-    def _add(self, sequence: Sequence) -> None:
+    def _add(self, group: list[Sequence]) -> None:
+        request_id = group[0].request_id
         with self._lock:
-            self._unadded.discard(sequence.request_id)
-        if sequence.request_id in self._cancelled:  # aborted while it was being routed
-            self._cancelled.discard(sequence.request_id)
-            self._finish(sequence, "abort")
+            self._unadded.discard(request_id)
+        if request_id in self._cancelled:  # aborted while it was being routed
+            self._cancelled.discard(request_id)
+            for sequence in group:
+                self._finish(sequence, "abort")
             return
-        if sequence.route is not None:
-            self.scheduler.waiting.append(sequence)
+        if group[0].route is not None:
+            self.scheduler.waiting.extend(group)
             self._arrivals += 1
 
     def _abort(self, request_id: str) -> None:
@@ -224,10 +238,8 @@ class EngineCore:
             if request_id in self._unadded:  # still being routed: drop it when it arrives
                 self._cancelled.add(request_id)
                 return
-        sequence = self.scheduler.remove(request_id)
-        if sequence is not None:
+        while (sequence := self.scheduler.remove(request_id)) is not None:
             self._finish(sequence, "abort")
-            return
         for sequence in self.batch:
             if sequence.request_id == request_id and not sequence.finished:
                 self._finish(sequence, "abort")
@@ -278,14 +290,52 @@ class EngineCore:
         report = runtime.cache.prefetch(_union([*running, *batch], runtime.num_slots))
         for sequence in batch:
             sequence.experts_loaded, sequence.experts_reused = report.loaded, report.reused
-            sequence.generator = make_generator(sequence.request.sampling)
+            sequence.generator = make_generator(sequence.request.sampling, sequence.index)
+            constraint = sequence.request.sampling.constraint
+            if constraint is not None:
+                sequence.matcher = self.grammars.matcher(constraint)
         self.metrics.record_expert_loads(report.loaded, report.bytes_loaded)
         tasks = frozenset(s.route.task for s in [*running, *batch])
         if tasks != self._last_tasks:
             for task in tasks - self._last_tasks:
                 self.metrics.record_pattern_switch(task or "full")
             self._last_tasks = tasks
-        return BatchRunner(runtime, [s.request.prompt_token_ids for s in batch], _row_masks(batch, runtime))
+        # A request's samples share one prefill: one prompt row for each request.
+        firsts: dict[str, int] = {}
+        expand = [firsts.setdefault(s.request_id, len(firsts)) for s in batch]
+        prompted = [batch[expand.index(row)] for row in range(len(firsts))]
+        return BatchRunner(
+            runtime,
+            [s.request.prompt_token_ids for s in prompted],
+            _row_masks(prompted, runtime),
+            expand=expand,
+            score_prompts=[
+                row for row, s in enumerate(prompted) if s.request.sampling.prompt_logprobs is not None
+            ],
+        )
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Compile ``constraint`` now (any thread): RequestError if it cannot be used."""
+        try:
+            grammars = self.grammars
+        except (ValueError, TypeError) as error:  # the grammar engine cannot read this tokenizer
+            raise RequestError(
+                f"structured outputs are not available for this model's tokenizer ({error})",
+                param=constraint.param,
+            ) from None
+        grammars.check(constraint)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Output constraints compiled for this model's tokenizer (made on first use)."""
+        if self._grammars is None:
+            from server.structured import GrammarCompiler  # the grammar engine loads on first use
+
+            vocab_size = self.parts.runtime.model.get_output_embeddings().weight.shape[0]
+            self._grammars = GrammarCompiler(
+                self.parts.tokenizer, vocab_size, eos_token_ids=sorted(self.parts.eos_token_ids)
+            )
+        return self._grammars
 
     def _decode(self, batch: list[Sequence], runner: BatchRunner) -> list[Sequence]:
         """One forward of ``runner`` and one sampled token per row. Returns the live sequences; the
@@ -297,25 +347,65 @@ class EngineCore:
         if delta.loads:
             self.metrics.record_expert_loads(delta.loads, delta.bytes_loaded)
         self.metrics.set_resident_expert_bytes(self.parts.runtime.cache.resident_bytes)
+        if runner.prompt_hidden:
+            _score_prompts(batch, runner)
         tokens = []
         for row, sequence in enumerate(batch):
-            token = next_token(logits[row], sequence.request.sampling, sequence.generated, sequence.generator)
+            sampling = sequence.request.sampling
+            if sampling.max_tokens == 0:  # scoring the prompt only
+                tokens.append(0)
+                if not sequence.finished:
+                    self._emit(sequence, "", [], "length", None)
+                continue
+            try:
+                token = self._sample(sequence, logits[row])
+            except RequestError as error:  # the output constraint cannot go on: this sequence fails
+                logger.warning("request %s: %s", sequence.request_id, error)
+                self._fail(sequence, error)
+                token = 0
             tokens.append(token)
             if not sequence.finished:
-                self._push(sequence, token)
+                logprob = None
+                if sampling.logprobs is not None:
+                    logprob = score_token(logits[row], token, sampling.logprobs)
+                self._push(sequence, token, logprob)
         live = [row for row, sequence in enumerate(batch) if not sequence.finished]
         if live:
             runner.keep(live)
             runner.append([tokens[row] for row in live])
         return [batch[row] for row in live]
 
-    def _push(self, sequence: Sequence, token: int) -> None:
+    @staticmethod
+    def _sample(sequence: Sequence, logits: torch.Tensor) -> int:
+        """The next token from one row's logits [V], within the output constraint if there is one.
+        A constraint this model's vocabulary cannot follow is the request's error (400)."""
+        sampling = sequence.request.sampling
+        if sequence.matcher is None:
+            return next_token(logits, sampling, sequence.generated, sequence.generator)
+        logits = logits.clone()
+        try:
+            sequence.matcher.mask_logits(logits)
+            if bool(torch.isneginf(logits).all()):
+                raise RuntimeError("it allows no next token")
+            token = next_token(logits, sampling, sequence.generated, sequence.generator)
+            sequence.matcher.accept(token)
+        except RuntimeError as error:
+            raise RequestError(
+                "the output constraint cannot be followed with this model's vocabulary: "
+                + str(error).splitlines()[0][:300],
+                param=sampling.constraint.param,
+            ) from None
+        return token
+
+    def _push(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         sampling = sequence.request.sampling
         sequence.generated.append(token)
-        is_eos = token in self.parts.eos_token_ids and not sampling.ignore_eos
+        is_eos = token in self.parts.eos_token_ids and (
+            not sampling.ignore_eos or sequence.matcher is not None
+        )
         delta = sequence.detokenizer.push(token)
         text, reason, stop = delta.text, None, delta.stop
-        if stop is not None or is_eos:
+        if stop is not None or is_eos or (sequence.matcher is not None and sequence.matcher.is_done):
             reason = "stop"
         elif len(sequence.generated) >= sampling.max_tokens or (
             len(sequence.request.prompt_token_ids) + len(sequence.generated) >= self.parts.max_model_len
@@ -323,7 +413,7 @@ class EngineCore:
             reason = "length"
         if reason is not None and stop is None:
             text += sequence.detokenizer.flush()
-        self._emit(sequence, text, [token], reason, stop)
+        self._emit(sequence, text, [token], reason, stop, None if logprob is None else [logprob])
 
     def _compact(self) -> None:
         """Drop finished (aborted) rows from the running batch."""
@@ -335,9 +425,18 @@ class EngineCore:
             self.runner.keep(live)
         self.batch = [self.batch[row] for row in live]
 
-    def _emit(self, sequence: Sequence, text: str, token_ids: list[int], reason, stop: str | None) -> None:
-        routing = None
+    def _emit(
+        self,
+        sequence: Sequence,
+        text: str,
+        token_ids: list[int],
+        reason,
+        stop: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
+        routing, prompt_logprobs = None, None
         if not sequence.routing_sent:
+            prompt_logprobs, sequence.prompt_logprobs = sequence.prompt_logprobs, None
             route = sequence.route
             routing = RoutingInfo(
                 task=route.task if route else None,
@@ -361,6 +460,9 @@ class EngineCore:
                 prompt_tokens=len(sequence.request.prompt_token_ids),
                 completion_tokens=len(sequence.generated),
                 routing=routing,
+                index=sequence.index,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         )
 
@@ -372,6 +474,22 @@ class EngineCore:
         if not sequence.finished:
             sequence.finished = True
             sequence.emit(error)
+
+
+def _score_prompts(batch: list[Sequence], runner: BatchRunner) -> None:
+    """Each sequence that asked for them gets its prompt's log probabilities (computed once for the
+    samples of one request), from the prefill, one prompt at a time."""
+    scored: dict[int, list] = {}
+    for sequence, row in zip(batch, runner.prompt_rows, strict=True):
+        num_top = sequence.request.sampling.prompt_logprobs
+        if num_top is None:
+            continue
+        if row not in scored:
+            logits = runner.prompt_logits(row)  # [S, V]
+            prompt = sequence.request.prompt_token_ids
+            start = logits.shape[0] - len(prompt)  # left padding
+            scored[row] = [None, *score_tokens(logits[start:-1], prompt[1:], num_top)]
+        sequence.prompt_logprobs = scored[row]
 
 
 def _union(batch: list[Sequence], num_slots: int) -> dict[int, list[int]]:

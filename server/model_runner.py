@@ -5,7 +5,8 @@ live sequence. A finished sequence leaves the batch at once (its cache rows are 
 sequences join a running batch after their own prefill (``join``: the shorter side is left-padded,
 as in a batch prefill). Every sequence carries its own routing restriction (a row of the per-layer
 masks), so sequences that use different patterns share a batch and each is computed as it would be
-alone.
+alone. Samples of one request (``n > 1``) share its prefill: the prompt is computed once, then its
+cache rows are copied, one per sample (``expand``).
 
 Legend: B = sequences, S = positions, E = experts, V = vocabulary.
 """
@@ -22,14 +23,30 @@ from expert_store.runtime import MoERuntime
 
 
 class BatchRunner:
-    """One batch's model state. ``step`` returns the next-token logits [B, V] of the live rows."""
+    """One batch's model state. ``step`` returns the next-token logits [B, V] of the live rows.
+
+    ``prompts`` and ``row_masks`` hold one row per distinct prompt; ``expand`` (``None``: one row
+    each) maps each sequence's row to its prompt's, and the first step copies the prefilled rows
+    accordingly. The prefill keeps the last hidden states of the prompts in ``score_prompts`` (their
+    indexes) so that :meth:`prompt_logits` can give their logits at every position; only the last
+    position's logits are computed for the others (a vocabulary-wide row per position is large).
+    """
 
     def __init__(
-        self, runtime: MoERuntime, prompts: Sequence[list[int]], row_masks: dict[int, torch.Tensor]
+        self,
+        runtime: MoERuntime,
+        prompts: Sequence[list[int]],
+        row_masks: dict[int, torch.Tensor],
+        expand: Sequence[int] | None = None,
+        score_prompts: Sequence[int] = (),
     ) -> None:
         self.runtime = runtime
         self.device = runtime.device
         self.row_masks = row_masks  # layer -> bool [B, E]
+        self.prompt_rows = list(range(len(prompts))) if expand is None else list(expand)  # row -> prompt
+        self._expand = None if self.prompt_rows == list(range(len(prompts))) else self.prompt_rows
+        self._score_prompts = list(score_prompts)
+        self.prompt_hidden: dict[int, torch.Tensor] = {}  # prompt -> last hidden states [S, H]
         self.cache = DynamicCache(config=runtime.model.config)
         length = max(len(p) for p in prompts)
         pad = 0
@@ -49,19 +66,43 @@ class BatchRunner:
     def step(self) -> torch.Tensor:
         positions = (self.attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, S]
         positions = positions[:, -self._pending.shape[1] :]
+        model, score = self.runtime.model, self._score_prompts
+        self._score_prompts = []  # the prefill only
+        inputs = {
+            "input_ids": self._pending,
+            "attention_mask": self.attention_mask,
+            "position_ids": positions,
+            "cache": self.cache,
+            "use_cache": True,
+        }
         self.runtime.cache.set_row_masks(self.row_masks)
         try:
-            out = self.runtime.model(
-                input_ids=self._pending,
-                attention_mask=self.attention_mask,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            if score:  # the decoder, then the head on the last positions only
+                hidden = model.get_decoder()(**inputs).last_hidden_state  # [P, S, H]
+                self.prompt_hidden = {row: hidden[row] for row in score}
+                logits = model.get_output_embeddings()(hidden[:, -1, :])  # [B, V]
+            else:
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]  # [B, V]
         finally:
             self.runtime.cache.set_row_masks(None)
-        return out.logits[:, -1, :]  # [B, V]
+        if self._expand is not None:  # after the prefill: one row per sample
+            logits = logits[self._expand]
+            self._copy_rows(self._expand)
+            self._expand = None
+        return logits
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt: int) -> torch.Tensor:
+        """The logits at every position of prompt ``prompt`` [S, V] (left-padded as in the batch);
+        then its hidden states are dropped."""
+        return self.runtime.model.get_output_embeddings()(self.prompt_hidden.pop(prompt))
+
+    def _copy_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self._pending = self._pending[index]
+        self.row_masks = {layer: mask[index] for layer, mask in self.row_masks.items()}
 
     def append(self, tokens: Sequence[int]) -> None:
         """Queue each live row's sampled token for the next step."""
@@ -71,13 +112,8 @@ class BatchRunner:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Drop every row not in ``rows`` (finished or aborted sequences)."""
-        if len(rows) == self.num_rows:
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.attention_mask = self.attention_mask[index]
-        self._pending = self._pending[index]
-        self.row_masks = {layer: mask[index] for layer, mask in self.row_masks.items()}
+        if len(rows) != self.num_rows:
+            self._copy_rows(list(rows))
 
     @property
     def can_join(self) -> bool:

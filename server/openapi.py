@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from server import protocol
 from server.engine_api import Engine
+from server.taer_routes import RouteQuery
 
 _REQUEST_MODELS = (
     protocol.ChatCompletionRequest,
@@ -25,6 +26,7 @@ _REQUEST_MODELS = (
     protocol.TaerRequest,
     protocol.TgiParameters,
     protocol.TgiRequest,
+    RouteQuery,
 )
 
 _ERRORS = {

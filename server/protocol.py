@@ -2,9 +2,9 @@
 
 Request models are strict (``"0.5"`` is not a number, ``"16"`` is not an integer; ``16.0`` is
 one, as JSON Schema has it, ``16.5`` is not) and ignore fields they do not know, as OpenAI clients
-send many. Fields whose silent omission would change the answer (``n > 1``, ``logprobs``,
-``tools``, non-zero presence/frequency penalties, ``echo``, ...) are declared so that anything but
-their "off" value is refused with a message naming the field. Presence and frequency penalties are
+send many. Fields whose silent omission would change the answer (``tools``, non-zero
+presence/frequency penalties, ``suffix``, ...) are declared so that anything but their "off" value
+is refused with a message naming the field. Presence and frequency penalties are
 refused rather than mapped onto the repetition penalty: they are additive and count-based, and no
 mapping gives the same distribution.
 """
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchem
 from expert_store.errors import RequestError
 from expert_store.modes import MODES
 from server.engine_api import (
+    MAX_LOGPROBS,
+    MAX_N,
     MAX_STOP_STRINGS,
     REPETITION_PENALTY_RANGE,
     SEED_RANGE,
@@ -39,13 +41,28 @@ _STOP_SCHEMA = {
     ],
     "description": f"a stop string or a list of at most {MAX_STOP_STRINGS}, none empty",
 }
+MAX_PROMPTS = 64
+"""Prompts in one ``/v1/completions`` request (a batch, as evaluation harnesses send)."""
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 _PROMPT_SCHEMA = {
     "anyOf": [
         {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+        _TOKEN_IDS_SCHEMA,
+        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": MAX_PROMPTS},
     ],
-    "description": "one text prompt: a string, or a list holding one string",
+    "description": (
+        f"a text prompt, a list of at most {MAX_PROMPTS} text prompts, one prompt as token ids, or a "
+        "list of such; token ids must be below the vocabulary's size"
+    ),
 }
+Prompt = str | list[int]
+"""One prompt: its text, or its token ids."""
 _CONTENT_SCHEMA = {
     "anyOf": [
         {"type": "string"},
@@ -93,11 +110,20 @@ class _TextChecked(BaseModel):
         return value
 
 
+def _replace(schema: dict[str, Any], published: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update(published)
+
+
 def _document_unsupported(schema: dict[str, Any], model: type[BaseModel]) -> None:
-    """Publishes each unsupported field as the enum of its "off" values, with the reason."""
+    """Publishes each unsupported field as the enum of its "off" values, with the reason, and each
+    forbidden combination of fields as a ``not`` clause."""
     for name, (allowed, why) in getattr(model, "unsupported", {}).items():
         if name in schema.get("properties", {}):
             schema["properties"][name] = {"enum": list(allowed), "description": why}
+    forbidden = getattr(model, "forbidden", ())
+    if forbidden:
+        schema["allOf"] = [{"not": clause} for clause in forbidden]
 
 
 class _EdgeModel(_TextChecked):
@@ -107,6 +133,8 @@ class _EdgeModel(_TextChecked):
 
     # field name -> (values that mean "off", why anything else is refused)
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
+    # JSON schemas of field combinations the server refuses (400), published as ``not`` clauses
+    forbidden: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -178,6 +206,64 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_TextChecked):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_TextChecked):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="ignore",
+        json_schema_extra={  # type json_schema needs its json_schema
+            "not": {
+                "required": ["type"],
+                "properties": {"type": {"const": "json_schema"}, "json_schema": {"type": "null"}},
+            }
+        },
+    )
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+_GRAMMAR_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {"type": {"const": "json"}, "value": {"type": "object"}},
+            "required": ["type", "value"],
+        },
+        {
+            "type": "object",
+            "properties": {"type": {"const": "regex"}, "value": {"type": "string", "format": "regex"}},
+            "required": ["type", "value"],
+        },
+    ],
+    "description": "a JSON schema the output must validate against, or a regular expression it must match",
+}
+
+
+class TgiGrammar(_TextChecked):
+    """TGI's ``parameters.grammar``: ``{"type": "json", "value": schema}`` (the schema as an object,
+    or a string holding its JSON) or ``{"type": "regex", "value": pattern}``."""
+
+    model_config = ConfigDict(
+        strict=True, extra="ignore", json_schema_extra=lambda schema, _: _replace(schema, _GRAMMAR_SCHEMA)
+    )
+
+    type: Literal["json", "regex"]
+    value: dict[str, Any] | str
+
+
 class _OpenAISampling(_EdgeModel):
     """Fields shared by chat and text completions. ``top_k``, ``repetition_penalty``,
     ``ignore_eos`` and ``taer`` are extensions (pass them with the OpenAI client's ``extra_body``).
@@ -198,33 +284,32 @@ class _OpenAISampling(_EdgeModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     taer: TaerRequest | None = None
-    n: Any = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
 
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
-        "n": ((None, 1), "only n=1 is supported; send several requests instead"),
         "presence_penalty": ((None, 0), "only 0 is supported; use repetition_penalty (an extension) instead"),
         "frequency_penalty": (
             (None, 0),
             "only 0 is supported; use repetition_penalty (an extension) instead",
         ),
         "logit_bias": ((None, {}), "logit_bias is not supported"),
-        "logprobs": ((None, False), "logprobs are not supported"),
-        "top_logprobs": ((None, 0), "logprobs are not supported"),
         "tools": ((None, []), "tool calling is not supported"),
         "functions": ((None, []), "function calling is not supported"),
-        "response_format": ((None, {"type": "text"}), "only the 'text' response format is supported"),
-        "echo": ((None, False), "echo is not supported; the prompt is what you sent"),
         "suffix": ((None, ""), "suffix (insertion) is not supported"),
-        "best_of": ((None, 1), "only best_of=1 is supported"),
+        "best_of": ((None, 1), "only best_of=1 is supported; send n instead"),
     }
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_strings(cls, value: Any) -> Any:
         return _stop_list(value)
+
+    @property
+    def num_samples(self) -> int:
+        return 1 if self.n is None else self.n
 
     @property
     def include_usage(self) -> bool:
@@ -264,37 +349,85 @@ class ChatCompletionRequest(_OpenAISampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="alternatives per token; needs logprobs: true"
+    )
     tools: Any = None
     functions: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
+
+    forbidden: ClassVar[tuple[dict[str, Any], ...]] = (
+        {  # top_logprobs needs logprobs: true
+            "required": ["top_logprobs"],
+            "properties": {"top_logprobs": {"type": "integer"}, "logprobs": {"enum": [False, None]}},
+        },
+    )
 
 
 class CompletionRequest(_OpenAISampling):
-    """``POST /v1/completions``: one text prompt (a list holding one string is accepted)."""
+    """``POST /v1/completions``: a prompt or a batch of them, each text or token ids. Each prompt
+    gets ``n`` choices (choice ``i * n + j`` is prompt ``i``'s sample ``j``). ``max_tokens`` may be 0
+    with ``echo`` (the prompt alone, scored when ``logprobs`` is set)."""
 
-    prompt: Annotated[str, WithJsonSchema(_PROMPT_SCHEMA)]
-    echo: Any = None
+    prompt: Annotated[list[Prompt], WithJsonSchema(_PROMPT_SCHEMA)]
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo")
+    echo: bool = False
     suffix: Any = None
     best_of: Any = None
-    logprobs: Any = None
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="log probabilities of each token and this many alternatives",
+    )
+
+    forbidden: ClassVar[tuple[dict[str, Any], ...]] = (
+        {  # max_tokens 0 needs echo
+            "required": ["max_tokens"],
+            "properties": {"max_tokens": {"const": 0}, "echo": {"const": False}},
+        },
+        {  # a streamed completion takes one prompt
+            "required": ["stream", "prompt"],
+            "properties": {
+                "stream": {"const": True},
+                "prompt": {"type": "array", "minItems": 2, "items": {"type": ["string", "array"]}},
+            },
+        },
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_text_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) == 1 and isinstance(value[0], str):
-                return value[0]
-            if value and all(isinstance(v, int | list) for v in value):
-                raise ValueError("token-id prompts are not supported; send the prompt as text")
-            raise ValueError("send exactly one prompt per request (a string)")
-        return value
+    def _prompts(cls, value: Any) -> Any:
+        """Every accepted shape as a list of prompts, each a string or a list of token ids."""
+        if isinstance(value, str):
+            return [_non_empty(value)]
+        if not isinstance(value, list) or not value:
+            raise ValueError(
+                "must be a string, a list of strings, a list of token ids or a list of such lists"
+            )
+        if all(_is_token_id(v) for v in value):
+            return [list(value)]
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(value)}")
+        prompts: list[Prompt] = []
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                if not item:
+                    raise ValueError(f"prompt {index} is empty; send some text")
+                prompts.append(item)
+            elif isinstance(item, list) and item and all(_is_token_id(v) for v in item):
+                prompts.append(list(item))
+            else:
+                raise ValueError(
+                    f"prompt {index} is neither a non-empty string nor a non-empty list of token ids "
+                    "(non-negative integers)"
+                )
+        return prompts
 
-    @field_validator("prompt", mode="after")
-    @classmethod
-    def _prompt_has_text(cls, value: str) -> str:
-        return _non_empty(value)
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _non_empty(text: str) -> str:
@@ -323,7 +456,7 @@ class TgiParameters(_EdgeModel):
     typical_p: Any = None
     truncate: Any = None
     watermark: Any = None
-    grammar: Any = None
+    grammar: TgiGrammar | None = None
     top_n_tokens: Any = None
     decoder_input_details: Any = None
     frequency_penalty: Any = None
@@ -333,7 +466,6 @@ class TgiParameters(_EdgeModel):
         "typical_p": ((None, 1), "typical_p is not supported"),
         "truncate": ((None,), "truncate is not supported; shorten the input instead"),
         "watermark": ((None, False), "watermark is not supported"),
-        "grammar": ((None,), "grammar-constrained generation is not supported"),
         "top_n_tokens": ((None, 0), "top_n_tokens is not supported"),
         "decoder_input_details": ((None, False), "decoder_input_details is not supported"),
         "frequency_penalty": ((None, 0), "only 0 is supported; use repetition_penalty instead"),
@@ -377,6 +509,33 @@ class Usage(BaseModel):
         )
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``: one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A text completion choice's ``logprobs`` (the legacy shape): parallel lists, one entry per
+    token (with ``echo``, the prompt's tokens first; the very first has no log probability)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
@@ -386,7 +545,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -404,7 +563,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -421,7 +580,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -31,9 +31,11 @@ from server.engine_api import (
     GenerationRequest,
     QueueFullError,
     RoutingInfo,
+    TokenLogprob,
 )
 from server.errors import ClientDisconnectedError, to_api_error
 from server.metrics import ServerMetrics
+from server.recent import RecentRequests
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -71,16 +73,33 @@ class ServingContext:
     settings: ServerSettings
     metrics: ServerMetrics
     admission: Admission
+    recent: RecentRequests = field(default_factory=RecentRequests)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One sample of a generation, as far as it has come (``finish_reason``: ``None`` until done)."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: str | None = None
+    last_token_time: float | None = None  # time.monotonic() of its last token
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
 @dataclass(slots=True)
 class Completion:
-    """A finished generation, gathered for a non-streaming response."""
+    """A finished generation, gathered for a non-streaming response: its samples, in order."""
 
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    stop_reason: str | None
+    choices: list[Choice]
     prompt_tokens: int
     completion_tokens: int
     routing: RoutingInfo | None
@@ -123,20 +142,31 @@ class RequestRun:
         self.request = request
         self.routing: RoutingInfo | None = None
         self.prompt_tokens = len(request.prompt_token_ids)
-        self.completion_tokens = 0
-        self.finish_reason: FinishReason | None = None
-        self.stop_reason: str | None = None
+        self.choices = [Choice(index) for index in range(request.sampling.n)]
         self._context = context
         self._metrics = context.metrics
         self._raw = raw
         self._timeout = context.settings.request_timeout_s
         self._outputs = context.engine.generate(request)
-        self._last_token_time: float | None = None
         self._closed = False
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        """Every sample has finished."""
+        return all(choice.finish_reason is not None for choice in self.choices)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """The first sample's (the only one unless ``n > 1``)."""
+        return self.choices[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.choices[0].stop_reason
 
     async def complete(self) -> Completion:
         """Generate to the end, aborting if the client disconnects or the deadline passes."""
@@ -172,6 +202,7 @@ class RequestRun:
                 logger.exception("cleaning up request %s failed", self.request.request_id)
             finally:
                 self._context.admission.release()
+                self._context.recent.record(self)
                 if self.finished:
                     self._metrics.observe_e2e_latency(time.monotonic() - self.request.arrival_time)
 
@@ -230,7 +261,10 @@ class RequestRun:
         try:
             output = await anext(self._outputs)
         except StopAsyncIteration:
-            output = GenerationOutput(self.request.request_id, finished=True, finish_reason="abort")
+            unfinished = next(c.index for c in self.choices if c.finish_reason is None)
+            output = GenerationOutput(
+                self.request.request_id, finished=True, finish_reason="abort", index=unfinished
+            )
             logger.error("engine ended request %s without a finished output", self.request.request_id)
         self._observe(output)
         if output.finish_reason == "abort":
@@ -238,18 +272,18 @@ class RequestRun:
         return output
 
     async def _collect(self) -> Completion:
-        texts: list[str] = []
-        token_ids: list[int] = []
         while not self.finished:
             output = await self._next_output()
-            texts.append(output.text)
-            token_ids.extend(output.token_ids)
-        assert self.finish_reason is not None
+            choice = self.choices[output.index]
+            choice.texts.append(output.text)
+            choice.token_ids.extend(output.token_ids)
+            if output.logprobs is not None:
+                choice.logprobs = choice.logprobs or []
+                choice.logprobs.extend(output.logprobs)
+            if output.prompt_logprobs is not None:
+                choice.prompt_logprobs = output.prompt_logprobs
         return Completion(
-            text="".join(texts),
-            token_ids=token_ids,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
+            choices=self.choices,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             routing=self.routing,
@@ -259,21 +293,26 @@ class RequestRun:
         if self.routing is None and output.routing is not None:
             self.routing = output.routing
             self._metrics.record_routed(output.routing.task, output.routing.mode)
+        if not 0 <= output.index < len(self.choices):
+            raise AssertionError(
+                f"the engine sent sample {output.index} of a request with n={len(self.choices)}"
+            )
+        choice = self.choices[output.index]
         num_tokens = len(output.token_ids)
         if num_tokens:
             now = time.monotonic()
-            if self._last_token_time is None:
+            if all(c.last_token_time is None for c in self.choices):
                 self._metrics.observe_time_to_first_token(now - self.request.arrival_time)
-            else:
+            if choice.last_token_time is not None:  # the gaps are each sample's own
                 for _ in range(num_tokens):
-                    self._metrics.observe_inter_token_latency((now - self._last_token_time) / num_tokens)
-            self._last_token_time = now
+                    self._metrics.observe_inter_token_latency((now - choice.last_token_time) / num_tokens)
+            choice.last_token_time = now
             self._metrics.record_generation_tokens(num_tokens)
         self.prompt_tokens = output.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = output.completion_tokens or self.completion_tokens + num_tokens
+        choice.completion_tokens = output.completion_tokens or choice.completion_tokens + num_tokens
         if output.finished:
-            self.finish_reason = output.finish_reason or "stop"
-            self.stop_reason = output.stop_reason
+            choice.finish_reason = output.finish_reason or "stop"
+            choice.stop_reason = output.stop_reason
 
     def _timeout_error(self) -> RequestError:
         return RequestError(

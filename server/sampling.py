@@ -11,11 +11,12 @@ import torch
 from server.engine_api import SamplingParams
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
+def make_generator(params: SamplingParams, index: int = 0) -> torch.Generator | None:
+    """Sample ``index``'s generator: seeded with ``seed + index`` when the request has a seed."""
     if params.is_greedy:
         return None
     generator = torch.Generator()
-    generator.manual_seed(params.seed % (2**63) if params.seed is not None else torch.seed())
+    generator.manual_seed((params.seed + index) % (2**63) if params.seed is not None else torch.seed())
     return generator
 
 

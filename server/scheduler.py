@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,7 +33,10 @@ class Sequence:
     emit: Callable[[GenerationOutput | BaseException], None]
     detokenizer: IncrementalDetokenizer
     route: Route | None = None
+    index: int = 0  # which of the request's samples (``sampling.n``) this is
     generator: torch.Generator | None = None
+    matcher: Any = None  # the output constraint's state (server/structured.py Matcher), if any
+    prompt_logprobs: list | None = None  # computed at the prefill, sent with the first output
     generated: list[int] = field(default_factory=list)
     overtaken: int = 0  # requests that joined a running batch past this one while it waited
     routing_sent: bool = False

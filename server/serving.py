@@ -9,10 +9,12 @@ and ``POST /v1/completions``, which share one ``create``. TGI's shape is in ``se
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
@@ -32,11 +34,13 @@ from server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ResponseFormat,
     TaerRequest,
     Usage,
     to_json,
 )
 from server.request_run import (
+    Choice,
     Completion,
     RequestRun,
     ServingContext,
@@ -44,6 +48,10 @@ from server.request_run import (
     routing_headers,
     sse_event,
 )
+from server.serving_logprobs import TokenTexts, chat_logprobs, completion_logprobs
+
+if TYPE_CHECKING:
+    from server.structured import OutputConstraint
 
 T = TypeVar("T")
 API_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -62,6 +70,10 @@ class RequestedSampling:
     stop: tuple[str, ...] = ()
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: OutputConstraint | None = None
     prompt_param: str = "prompt"
     names: dict[str, str] = field(default_factory=dict)
 
@@ -76,6 +88,14 @@ class ServingBase:
         self.context = context
         self.engine = context.engine
         self.settings = context.settings
+        self._token_texts: TokenTexts | None = None
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        """Token texts for log probabilities (made once the engine's tokenizer is loaded)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.engine.tokenizer)
+        return self._token_texts
 
     @property
     def served_model_name(self) -> str:
@@ -156,6 +176,10 @@ class ServingBase:
                 stop=asked.stop,
                 repetition_penalty=_first_set(asked.repetition_penalty, defaults.repetition_penalty, 1.0),
                 ignore_eos=asked.ignore_eos,
+                n=asked.n,
+                logprobs=asked.logprobs,
+                prompt_logprobs=asked.prompt_logprobs,
+                constraint=asked.constraint,
             )
         except RequestError as error:
             error.param = asked.name(error.param or "")
@@ -163,17 +187,25 @@ class ServingBase:
 
 
 class _OpenAIServing(ServingBase):
-    """Chat and text completions: one ``create``; each subclass translates its own shape."""
+    """Chat and text completions: one ``create``; each subclass translates its own shape. A request
+    may hold several prompts (text completions): each is one generation, run concurrently."""
 
     async def create(self, body: ChatCompletionRequest | CompletionRequest, raw: Request) -> Response:
         self.check_model(body.model)
-        request = self.to_generation_request(body)
-        run = RequestRun(self.context, request, raw)
+        requests = self.to_generation_requests(body)
+        runs: list[RequestRun] = []
+        try:
+            for request in requests:
+                runs.append(RequestRun(self.context, request, raw))  # admission, one by one
+        except BaseException:
+            for run in runs:
+                await run.close()
+            raise
         if body.stream:
-            return await run.stream(self.renderer(body), done_marker=True)
-        result = await run.complete()
-        response = self.response(request.request_id, result)
-        return JSONResponse(to_json(response), headers=routing_headers(result.routing))
+            return await runs[0].stream(self.renderer(body), done_marker=True)
+        results = await _complete_all(runs)
+        response = self.response(body, requests, results)
+        return JSONResponse(to_json(response), headers=routing_headers(results[0].routing))
 
     def asked_sampling(
         self, body: ChatCompletionRequest | CompletionRequest, **shape: object
@@ -188,23 +220,26 @@ class _OpenAIServing(ServingBase):
             "stop": () if body.stop is None else tuple(body.stop),
             "repetition_penalty": body.repetition_penalty,
             "ignore_eos": body.ignore_eos,
+            "n": body.num_samples,
         }
         return RequestedSampling(**(fields | shape))  # type: ignore[arg-type]
 
-    def to_generation_request(self, body) -> GenerationRequest:
+    def to_generation_requests(self, body) -> list[GenerationRequest]:
         raise NotImplementedError
 
     def renderer(self, body) -> StreamRenderer:
         raise NotImplementedError
 
-    def response(self, request_id: str, result: Completion) -> BaseModel:
+    def response(self, body, requests: list[GenerationRequest], results: list[Completion]) -> BaseModel:
         raise NotImplementedError
 
 
 class ServingChat(_OpenAIServing):
     """Chat completions: messages -> chat template -> engine -> OpenAI chat responses."""
 
-    def to_generation_request(self, body: ChatCompletionRequest) -> GenerationRequest:
+    def to_generation_requests(self, body: ChatCompletionRequest) -> list[GenerationRequest]:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         conversation = [{"role": message.role, "content": message.content} for message in body.messages]
         # The template writes the special tokens itself; encoding must not add a second BOS.
         prompt_token_ids = self.encode(self._render(conversation), add_special_tokens=False)
@@ -212,24 +247,37 @@ class ServingChat(_OpenAIServing):
         asked = self.asked_sampling(
             body,
             max_tokens=body.max_tokens if completion_tokens is None else completion_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            constraint=_response_format_constraint(body.response_format),
             prompt_param="messages",
             names={"max_tokens": "max_tokens" if completion_tokens is None else "max_completion_tokens"},
         )
         text = _retrieval_text(body.messages)
-        return self.generation_request(
-            "chatcmpl", prompt_token_ids, text, asked, body.taer, api_max_tokens=None
-        )
+        return [
+            self.generation_request("chatcmpl", prompt_token_ids, text, asked, body.taer, api_max_tokens=None)
+        ]
 
     def renderer(self, body: ChatCompletionRequest) -> StreamRenderer:
-        return _ChatStream(self.served_model_name, include_usage=body.include_usage)
+        return _ChatStream(self.served_model_name, self.token_texts, include_usage=body.include_usage)
 
-    def response(self, request_id: str, result: Completion) -> ChatCompletionResponse:
+    def response(
+        self, body: ChatCompletionRequest, requests: list[GenerationRequest], results: list[Completion]
+    ) -> ChatCompletionResponse:
+        (request,), (result,) = requests, results
         return ChatCompletionResponse(
-            id=request_id,
+            id=request.request_id,
             created=int(time.time()),
             model=self.served_model_name,
             choices=[
-                ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+                ChatChoice(
+                    index=choice.index,
+                    message=AssistantMessage(content=choice.text),
+                    finish_reason=choice.finish_reason or "stop",
+                    logprobs=None
+                    if choice.logprobs is None
+                    else chat_logprobs(choice.logprobs, self.token_texts),
+                )
+                for choice in result.choices
             ],
             usage=Usage.of(result.prompt_tokens, result.completion_tokens),
             taer=result.routing,
@@ -250,27 +298,117 @@ class ServingChat(_OpenAIServing):
 
 
 class ServingCompletion(_OpenAIServing):
-    """Text completions: a text prompt -> engine -> OpenAI text completions."""
+    """Text completions: prompts (text or token ids) -> engine -> OpenAI text completions.
 
-    def to_generation_request(self, body: CompletionRequest) -> GenerationRequest:
-        prompt_token_ids = self.encode(body.prompt, add_special_tokens=True)
-        asked = self.asked_sampling(body, prompt_param="prompt")
-        return self.generation_request(
-            "cmpl", prompt_token_ids, body.prompt, asked, body.taer, api_max_tokens=API_DEFAULT_MAX_TOKENS
+    A token-id prompt is decoded to text for retrieval (retrieval embeds text) and for ``echo``.
+    ``echo`` puts the prompt before each choice's text and, with ``logprobs``, its tokens' log
+    probabilities before the generated ones'. With several prompts the response's ``taer`` field and
+    ``x-taer-*`` headers are the first prompt's routing.
+    """
+
+    def to_generation_requests(self, body: CompletionRequest) -> list[GenerationRequest]:
+        if body.stream and len(body.prompt) > 1:
+            raise RequestError(
+                "a streamed completion takes one prompt; send the prompts in separate requests, or "
+                "without stream",
+                param="prompt",
+            )
+        prompt_logprobs = None
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+            prompt_logprobs = body.logprobs or 0  # the engine scores a prompt it generates nothing for
+        asked = self.asked_sampling(
+            body, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs, prompt_param="prompt"
         )
+        requests = []
+        for index, prompt in enumerate(body.prompt):
+            token_ids, text = self._tokens_and_text(prompt, index, len(body.prompt))
+            requests.append(
+                self.generation_request(
+                    "cmpl", token_ids, text, asked, body.taer, api_max_tokens=API_DEFAULT_MAX_TOKENS
+                )
+            )
+        return requests
+
+    def _tokens_and_text(self, prompt: str | list[int], index: int, count: int) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            return self.encode(prompt, add_special_tokens=True), prompt
+        vocab_size = len(self.engine.tokenizer)
+        bad = next((token for token in prompt if token >= vocab_size), None)
+        if bad is not None:
+            where = "prompt" if count == 1 else f"prompt {index}"
+            raise RequestError(
+                f"{where} holds token id {bad}, which is not in the vocabulary (ids are 0 to {vocab_size - 1})",
+                param="prompt",
+            )
+        return list(prompt), self.engine.tokenizer.decode(prompt, skip_special_tokens=True)
 
     def renderer(self, body: CompletionRequest) -> StreamRenderer:
-        return _CompletionStream(self.served_model_name, include_usage=body.include_usage)
+        return _CompletionStream(
+            self.served_model_name,
+            self.token_texts,
+            include_usage=body.include_usage,
+            echo=self._echo_text if body.echo else None,
+            logprobs=body.logprobs is not None,
+        )
 
-    def response(self, request_id: str, result: Completion) -> CompletionResponse:
+    def _echo_text(self, request: GenerationRequest) -> str:
+        return self.engine.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)
+
+    def response(
+        self, body: CompletionRequest, requests: list[GenerationRequest], results: list[Completion]
+    ) -> CompletionResponse:
+        choices = []
+        for request, result in zip(requests, results, strict=True):
+            for choice in result.choices:
+                choices.append(self._choice(body, request, choice, index=len(choices)))
         return CompletionResponse(
-            id=request_id,
+            id=requests[0].request_id,
             created=int(time.time()),
             model=self.served_model_name,
-            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
-            usage=Usage.of(result.prompt_tokens, result.completion_tokens),
-            taer=result.routing,
+            choices=choices,
+            usage=Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)),
+            taer=results[0].routing,
         )
+
+    def _choice(
+        self, body: CompletionRequest, request: GenerationRequest, choice: Choice, index: int
+    ) -> CompletionChoice:
+        text, token_ids, entries = choice.text, choice.token_ids, choice.logprobs or []
+        if body.echo:
+            text = self._echo_text(request) + text
+            if choice.prompt_logprobs is not None:
+                token_ids = [*request.prompt_token_ids, *token_ids]
+                entries = [*choice.prompt_logprobs, *entries]
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(token_ids, entries, self.token_texts)
+        return CompletionChoice(index=index, text=text, finish_reason=choice.finish_reason, logprobs=logprobs)
+
+
+async def _complete_all(runs: list[RequestRun]) -> list[Completion]:
+    """Every run to its end, concurrently; if one fails, the others are aborted."""
+    tasks = [asyncio.ensure_future(run.complete()) for run in runs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _response_format_constraint(response_format: ResponseFormat | None) -> OutputConstraint | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    from server.structured import OutputConstraint  # the grammar engine loads on first use
+
+    if response_format.type == "json_object":
+        return OutputConstraint("json_object")
+    if response_format.json_schema is None:
+        raise RequestError(
+            "response_format of type 'json_schema' needs a 'json_schema' object with the 'schema'",
+            param="response_format.json_schema",
+        )
+    return OutputConstraint("json_schema", response_format.json_schema.schema_)
 
 
 def _retrieval_text(messages: list[ChatMessage]) -> str:
@@ -284,8 +422,9 @@ def _retrieval_text(messages: list[ChatMessage]) -> str:
 class _OpenAIStream:
     """What both OpenAI streams share: the model, one creation time, and whether usage is sent."""
 
-    def __init__(self, model: str, *, include_usage: bool) -> None:
+    def __init__(self, model: str, texts: TokenTexts, *, include_usage: bool) -> None:
         self._model = model
+        self._texts = texts
         self._include_usage = include_usage
         self._created = int(time.time())
 
@@ -295,55 +434,93 @@ class _OpenAIStream:
 
 
 class _ChatStream(_OpenAIStream):
-    """``chat.completion.chunk`` events: the role, the content deltas, the finish reason, usage."""
+    """``chat.completion.chunk`` events: each choice's role, its content deltas (with their log
+    probabilities when asked for) and its finish reason; then usage if asked."""
 
     def opening(self, run: RequestRun) -> list[bytes]:
-        role = self._chunk(run, {"role": "assistant", "content": ""})
-        role.taer = run.routing
-        return [self._sse(role)]
-
-    def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:
-        return [self._sse(self._chunk(run, {"content": output.text}))] if output.text else []
-
-    def closing(self, run: RequestRun) -> list[bytes]:
-        events = [self._sse(self._chunk(run, {}, finish_reason=run.finish_reason))]
-        if self._include_usage:
-            usage = ChatCompletionChunk(
-                id=run.request.request_id,
-                created=self._created,
-                model=self._model,
-                choices=[],
-                usage=Usage.of(run.prompt_tokens, run.completion_tokens),
-            )
-            events.append(self._sse(usage))
+        events = []
+        for choice in run.choices:
+            role = self._chunk(run, choice.index, {"role": "assistant", "content": ""})
+            if choice.index == 0:
+                role.taer = run.routing
+            events.append(self._sse(role))
         return events
 
+    def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:
+        events = []
+        if output.text or output.logprobs:
+            chunk = self._chunk(run, output.index, {"content": output.text})
+            if output.logprobs:
+                chunk.choices[0].logprobs = chat_logprobs(output.logprobs, self._texts)
+            events.append(self._sse(chunk))
+        if output.finished:
+            reason = run.choices[output.index].finish_reason
+            events.append(self._sse(self._chunk(run, output.index, {}, finish_reason=reason)))
+        return events
+
+    def closing(self, run: RequestRun) -> list[bytes]:
+        if not self._include_usage:
+            return []
+        usage = ChatCompletionChunk(
+            id=run.request.request_id,
+            created=self._created,
+            model=self._model,
+            choices=[],
+            usage=Usage.of(run.prompt_tokens, run.completion_tokens),
+        )
+        return [self._sse(usage)]
+
     def _chunk(
-        self, run: RequestRun, delta: dict[str, str], finish_reason: str | None = None
+        self, run: RequestRun, index: int, delta: dict[str, str], finish_reason: str | None = None
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=run.request.request_id,
             created=self._created,
             model=self._model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
         )
 
 
 class _CompletionStream(_OpenAIStream):
-    """``text_completion`` chunks: text deltas, the finish reason, then usage if asked."""
+    """``text_completion`` chunks: each choice's text deltas (the prompt first with ``echo``), with
+    their log probabilities when asked for, and its finish reason; then usage if asked."""
 
-    def __init__(self, model: str, *, include_usage: bool) -> None:
-        super().__init__(model, include_usage=include_usage)
+    def __init__(
+        self,
+        model: str,
+        texts: TokenTexts,
+        *,
+        include_usage: bool,
+        echo: Callable[[GenerationRequest], str] | None,
+        logprobs: bool,
+    ) -> None:
+        super().__init__(model, texts, include_usage=include_usage)
+        self._echo = echo
+        self._logprobs = logprobs
+        self._echoed: set[int] = set()
         self._sent_routing = False
 
     def opening(self, run: RequestRun) -> list[bytes]:
         return []
 
     def delta(self, run: RequestRun, output: GenerationOutput) -> list[bytes]:
-        if not output.text and not output.finished:
+        text, token_ids, entries = output.text, output.token_ids, output.logprobs or []
+        if self._echo is not None and output.index not in self._echoed:
+            self._echoed.add(output.index)
+            text = self._echo(run.request) + text
+            if output.prompt_logprobs is not None:
+                token_ids = [*run.request.prompt_token_ids, *token_ids]
+                entries = [*output.prompt_logprobs, *entries]
+        if not text and not output.finished and not (self._logprobs and token_ids):
             return []
-        finish_reason = run.finish_reason if output.finished else None
-        return [self._event(run, [CompletionChoice(text=output.text, finish_reason=finish_reason)])]
+        choice = CompletionChoice(
+            index=output.index,
+            text=text,
+            finish_reason=run.choices[output.index].finish_reason if output.finished else None,
+        )
+        if self._logprobs:
+            choice.logprobs = completion_logprobs(token_ids, entries, self._texts)
+        return [self._event(run, [choice])]
 
     def closing(self, run: RequestRun) -> list[bytes]:
         if not self._include_usage:

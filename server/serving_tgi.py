@@ -8,15 +8,21 @@ last of them); ``logprob`` is always null.
 
 from __future__ import annotations
 
+import json
 import secrets
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
+from expert_store.errors import RequestError
 from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
-from server.protocol import TgiDetails, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
+from server.protocol import TgiDetails, TgiGrammar, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
 from server.request_run import RequestRun, routing_headers, sse_event
 from server.serving import RequestedSampling, ServingBase
+
+if TYPE_CHECKING:
+    from server.structured import OutputConstraint
 
 API_DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default
 
@@ -32,17 +38,18 @@ class ServingTGI(ServingBase):
     async def generate(self, body: TgiRequest, raw: Request) -> Response:
         request = self.to_generation_request(body)
         result = await RequestRun(self.context, request, raw).complete()
+        (choice,) = result.choices
         details = None
         if body.parameters.details:
             details = _details(
-                result.finish_reason,
-                result.stop_reason,
+                choice.finish_reason or "stop",
+                choice.stop_reason,
                 generated_tokens=result.completion_tokens,
                 seed=request.sampling.seed,
                 input_length=result.prompt_tokens,
             )
         response = TgiResponse(
-            generated_text=_prefix(body) + result.text,
+            generated_text=_prefix(body) + choice.text,
             details=details,
             taer=result.routing,
         )
@@ -70,12 +77,39 @@ class ServingTGI(ServingBase):
             seed=seed if params.do_sample else None,
             stop=() if params.stop is None else tuple(params.stop),
             repetition_penalty=params.repetition_penalty,
+            constraint=_grammar_constraint(params.grammar),
             prompt_param="inputs",
             names=_PARAM_NAMES,
         )
         return self.generation_request(
             "tgi", prompt_token_ids, body.inputs, asked, body.taer, api_max_tokens=API_DEFAULT_MAX_NEW_TOKENS
         )
+
+
+def _grammar_constraint(grammar: TgiGrammar | None) -> OutputConstraint | None:
+    """TGI's ``grammar``: a JSON schema (an object, or a string holding one) or a regex."""
+    if grammar is None:
+        return None
+    from server.structured import OutputConstraint  # the grammar engine loads on first use
+
+    if grammar.type == "regex":
+        if not isinstance(grammar.value, str):
+            raise RequestError("a regex grammar's value must be a string", param="parameters.grammar.value")
+        return OutputConstraint("regex", grammar.value, param="parameters.grammar")
+    schema = grammar.value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as error:
+            raise RequestError(
+                f"a json grammar's value is a string that is not JSON ({error})",
+                param="parameters.grammar.value",
+            ) from None
+        if not isinstance(schema, dict):
+            raise RequestError(
+                "a json grammar's value must be a JSON schema object", param="parameters.grammar.value"
+            )
+    return OutputConstraint("json_schema", schema, param="parameters.grammar")
 
 
 def _prefix(body: TgiRequest) -> str:

@@ -17,7 +17,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import llguidance
@@ -38,6 +38,7 @@ _DESCRIPTIONS = {
     "regex": "the regex",
 }
 _VALUE_TYPES = {"json_object": type(None), "json_schema": dict, "regex": str}
+_COMPACT_JSON = {"whitespace_flexible": False}
 _ECHO = re.compile(r"\d+ \|")  # llguidance quotes the grammar's source under its errors: "1 | start: ..."
 
 
@@ -49,6 +50,7 @@ class OutputConstraint:
 
     kind: ConstraintKind
     value: Any = None
+    param: str = field(default=RESPONSE_FORMAT_PARAM, compare=False)  # the request field, for errors
 
     def __post_init__(self) -> None:
         if self.kind not in _VALUE_TYPES:
@@ -129,17 +131,18 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
 
-    def check(self, constraint: OutputConstraint, param: str = RESPONSE_FORMAT_PARAM) -> None:
-        """Compile ``constraint`` (or find it cached); RequestError naming ``param`` if it cannot be."""
-        self.compile(constraint, param)
+    def check(self, constraint: OutputConstraint) -> None:
+        """Compile ``constraint`` (or find it cached); RequestError naming its ``param`` if it cannot be."""
+        self.compile(constraint)
 
     def matcher(self, constraint: OutputConstraint) -> Matcher:
         """A fresh matcher at the start of ``constraint``'s grammar (compiled first if not cached)."""
         compiled = self.compile(constraint)
         return Matcher(compiled.initial.deep_copy(), self.vocab_size, self._num_words)
 
-    def compile(self, constraint: OutputConstraint, param: str = RESPONSE_FORMAT_PARAM) -> CompiledGrammar:
+    def compile(self, constraint: OutputConstraint) -> CompiledGrammar:
         """The compiled grammar of ``constraint``, from the cache when it is there."""
+        param = constraint.param
         key = _canonical_key(constraint, param)
         with self._lock:
             if key in self._cache:
@@ -159,87 +162,14 @@ class GrammarCompiler:
             grammar = llguidance.LLMatcher.grammar_from_regex(constraint.value)
         else:
             schema = {"type": "object"} if constraint.kind == "json_object" else constraint.value
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            # Compact JSON: with any whitespace allowed, a small model can emit newlines until
+            # max_tokens and never close the object.
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_COMPACT_JSON)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             what = _DESCRIPTIONS[constraint.kind]
             raise RequestError(f"{param}: {what} cannot be used: {_one_line(matcher.get_error())}", param)
         return matcher
-
-
-def constraint_from_response_format(value: Any) -> OutputConstraint | None:
-    """OpenAI's ``response_format`` (a dict, as parsed from JSON) as a constraint; None for free text.
-    Fields it does not know are ignored; ``json_schema.name`` defaults, ``json_schema.schema`` is {}
-    (any JSON) when absent, and ``strict`` is accepted either way: the schema is always enforced."""
-    param = RESPONSE_FORMAT_PARAM
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise RequestError(f"response_format must be an object with a 'type', not {_json_type(value)}", param)
-    kind = value.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return OutputConstraint("json_object")
-    if kind == "json_schema":
-        return OutputConstraint("json_schema", _openai_schema(value.get("json_schema")))
-    raise RequestError(
-        f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}", param
-    )
-
-
-def constraint_from_tgi_grammar(value: Any) -> OutputConstraint | None:
-    """TGI's ``parameters.grammar``: {"type": "json", "value": schema as a dict or a JSON string} or
-    {"type": "regex", "value": pattern}; None when absent."""
-    param = TGI_GRAMMAR_PARAM
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise RequestError(
-            f"{param} must be an object with 'type' and 'value', not {_json_type(value)}", param
-        )
-    kind, body = value.get("type"), value.get("value")
-    if kind == "regex":
-        if not isinstance(body, str):
-            raise RequestError(f"{param}.value must be a regex string, not {_json_type(body)}", param)
-        return OutputConstraint("regex", body)
-    if kind not in ("json", "json_object"):
-        raise RequestError(f"{param}.type must be 'json' or 'regex', not {kind!r}", param)
-    if isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except json.JSONDecodeError as error:
-            raise RequestError(f"{param}.value is a string but not JSON: {error}", param) from None
-    if not isinstance(body, dict):
-        raise RequestError(f"{param}.value must be a JSON schema object, not {_json_type(body)}", param)
-    return OutputConstraint("json_schema", body)
-
-
-def _openai_schema(json_schema: Any) -> dict[str, Any]:
-    param = RESPONSE_FORMAT_PARAM
-    if not isinstance(json_schema, dict):
-        raise RequestError(
-            "response_format.json_schema must be an object holding the 'schema' "
-            f"(type 'json_schema' needs it), not {_json_type(json_schema)}",
-            param,
-        )
-    for field, kind, kind_name in (
-        ("name", str, "string"),
-        ("description", str, "string"),
-        ("strict", bool, "boolean"),
-    ):
-        if json_schema.get(field) is not None and not isinstance(json_schema[field], kind):
-            raise RequestError(
-                f"response_format.json_schema.{field} must be a {kind_name}, not {_json_type(json_schema[field])}",
-                param,
-            )
-    schema = json_schema.get("schema", {})
-    if not isinstance(schema, dict):
-        raise RequestError(
-            f"response_format.json_schema.schema must be a JSON schema object, not {_json_type(schema)}",
-            param,
-        )
-    return schema
 
 
 def _canonical_key(constraint: OutputConstraint, param: str) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tiny_models import save_tiny
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
@@ -40,8 +40,11 @@ TASK_PROMPTS = {
 def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {chr(32 + i): i + 3 for i in range(90)}
     vocab["\n"] = 93
+    vocab |= {"{": 94, "}": 95}  # the tiny models' vocabulary is 96 wide: JSON objects fit
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    # The characters, not joined with spaces (ByteFallback: a decoder the grammar engine reads).
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>"
     )

@@ -10,6 +10,7 @@ from expert_store.modes import MODES
 
 EXAMPLES = """
 taer is serving the demo model on http://{host}:{port}
+(open http://{host}:{port}/ in a browser: task patterns, slots, requests and a prompt box)
 
   curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Reverse garden."}}], "max_tokens": 16}}'
@@ -22,6 +23,7 @@ taer is serving the demo model on http://{host}:{port}
 print(c.chat.completions.create(model='demo', messages=[{{'role': 'user', 'content': 'Add 12 and 3.'}}]).choices[0].message.content)"
 
   curl http://{host}:{port}/v1/taer/patterns      # tasks, resident experts, cache statistics
+  curl http://{host}:{port}/v1/taer/route -H 'Content-Type: application/json' -d '{{"prompt": "Reverse garden."}}'
 """
 
 

@@ -28,12 +28,13 @@ from expert_store.errors import TaerError
 from retrieval.service import Route, RouteRequest
 from server.cluster.state import REPORT_PERIOD_S, ReplicaReport
 from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
+from server.introspection import PatternIntrospection
 from server.loading import RoutingParts
 
 logger = logging.getLogger(__name__)
 
 
-class RemoteEngine(ModelFacts):
+class RemoteEngine(ModelFacts, PatternIntrospection):
     """``server.engine_api.Engine`` over a model deployment's handle."""
 
     def __init__(
@@ -118,17 +119,18 @@ class RemoteEngine(ModelFacts):
         handle = self._handle.options(stream=True, multiplexed_model_id=key)
         stream = handle.generate.remote(request, route)
         self._streams[request.request_id] = stream
-        finished = False
+        unfinished = request.sampling.n
         try:
             async for output in _from_replica(stream):
                 yield output
                 if output.finished:
-                    finished = True
-                    return
+                    unfinished -= 1
+                    if unfinished == 0:
+                        return
             raise EngineNotReadyError("the replica ended the request without finishing it; retry")
         finally:
             self._streams.pop(request.request_id, None)
-            if not finished:
+            if unfinished:
                 stream.cancel()
 
     async def abort(self, request_id: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from expert_store.errors import UnknownTaskError
+from retrieval.overview import PatternTable, PatternTables, SuperExpertView
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import (
     EngineNotReadyError,
@@ -26,11 +27,15 @@ from server.engine_api import (
     QueueFullError,
     RoutingInfo,
     SamplingParams,
+    TaerOptions,
     Tokenizer,
+    TokenLogprob,
 )
+from server.introspection import RoutePreview, StoredExample
 from server.metrics import EngineMetrics
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+FAKE_NUM_EXPERTS = 16
 
 
 class FakeTokenizer:
@@ -47,6 +52,9 @@ class FakeTokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in token_ids if not (skip_special_tokens and i <= EOS_ID))
+
+    def __len__(self) -> int:
+        return 0xD800  # the code points below the surrogates
 
     def apply_chat_template(
         self,
@@ -167,12 +175,65 @@ class FakeEngine:
             "cache": dict(self._cache),
         }
 
+    def pattern_tables(self) -> PatternTables:
+        """Every task's TCESS a fixed function of (task, layer, expert); its retained experts the
+        ``experts_per_pattern`` best of each layer."""
+        layers, per = list(range(self.config.num_layers)), self.config.experts_per_pattern
+        patterns = []
+        for task in self.task_names():
+            tcess = [[_fake_tcess(task, layer, e) for e in range(FAKE_NUM_EXPERTS)] for layer in layers]
+            retained = [
+                sorted(range(FAKE_NUM_EXPERTS), key=lambda e, row=row: -row[e])[:per] for row in tcess
+            ]
+            patterns.append(PatternTable(task, 100, tcess, retained))
+        return PatternTables(
+            layers=layers,
+            num_experts=FAKE_NUM_EXPERTS,
+            top_k=2,
+            budget=f"experts_per_layer={per}",
+            experts_per_layer=per,
+            patterns=patterns,
+            super_experts=[SuperExpertView(0, 1, 900.0, 3.0)],
+            always_keep={},
+        )
+
+    async def preview_route(self, text: str, options: TaerOptions) -> RoutePreview:
+        """The route ``generate`` would take (the same task lookup), with nothing activated."""
+        if options.task is not None and options.task not in self.config.tasks:
+            raise UnknownTaskError(f"unknown task {options.task!r}")
+        mode = options.mode or "pruned"
+        if mode == "full":
+            return RoutePreview(task=None, mode="full", retrieval="full")
+        named = [t for t in self.config.tasks if t in text.lower()]
+        task = options.task or (named[0] if named else "general")
+        similarity = None if options.task else 0.9 if named else 0.3
+        retained = next(p.retained for p in self.pattern_tables().patterns if p.task == task)
+        experts = dict(enumerate(retained))
+        to_load = {} if task in self._resident else experts
+        return RoutePreview(
+            task=task,
+            mode=mode,
+            retrieval="forced" if options.task else "semantic",
+            similarity=similarity,
+            confidence=similarity,
+            candidate=None if options.task else task,
+            neighbours=() if options.task else (StoredExample(task, f"an example of {task}", 0.9, 0.9),),
+            experts=experts,
+            experts_to_load=to_load,
+            num_experts=sum(map(len, experts.values())),
+            num_to_load=sum(map(len, to_load.values())),
+        )
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         self._admit(request)
         abort_event = self._abort_events[request.request_id] = asyncio.Event()
         try:
-            async for output in self._run(request, abort_event):
-                yield output
+            for index in range(request.sampling.n):  # the samples one after the other
+                async for output in self._run(request, abort_event):
+                    output.index = index
+                    yield output
+                    if output.finish_reason == "abort":
+                        return
         except GeneratorExit:
             self.closed.append(request.request_id)
             raise
@@ -214,6 +275,9 @@ class FakeEngine:
         out = _OutputBuilder(request, routing)
         if self.gate is not None:
             await _first_set(self.gate, abort_event)
+        if request.sampling.max_tokens == 0:  # scoring the prompt only
+            yield out.finish([], "", "length")
+            return
         for step, char in enumerate(script):
             if fault is not None and step == fault.after_tokens:
                 raise fault.error
@@ -281,6 +345,15 @@ class FakeEngine:
             self.metrics.set_queue_length(0)
 
 
+def _fake_tcess(task: str, layer: int, expert: int) -> float:
+    return ((sum(map(ord, task)) + 3 * layer + 7 * expert) % FAKE_NUM_EXPERTS) / FAKE_NUM_EXPERTS
+
+
+def _fake_logprob(token: int, logprob: float, num_top: int) -> TokenLogprob:
+    top = tuple((token + offset, logprob - offset) for offset in range(num_top))
+    return TokenLogprob(token, logprob, top)
+
+
 def _script(text: str, kind: str, sampling: SamplingParams) -> list[str | None]:
     """The characters to generate; ``None`` is the end-of-sequence token."""
     chars: list[str | None] = list(text[::-1] if kind == "reverse" else text)
@@ -318,14 +391,24 @@ class _OutputBuilder:
         self._num_generated = 0
 
     def step(self, token_ids: list[int], text: str) -> GenerationOutput:
+        """Log probabilities, when asked for, are made up: ``-0.25`` for every generated token,
+        ``-1.0`` for every prompt token, the alternatives the next token ids."""
+        first = self._num_generated == 0
         self._num_generated += len(token_ids)
+        sampling, prompt = self._request.sampling, self._request.prompt_token_ids
         return GenerationOutput(
             request_id=self._request.request_id,
             text=text,
             token_ids=token_ids,
-            prompt_tokens=len(self._request.prompt_token_ids),
+            prompt_tokens=len(prompt),
             completion_tokens=self._num_generated,
             routing=self._routing,
+            logprobs=None
+            if sampling.logprobs is None
+            else [_fake_logprob(token, -0.25, sampling.logprobs) for token in token_ids],
+            prompt_logprobs=None
+            if sampling.prompt_logprobs is None or not first
+            else [None, *(_fake_logprob(token, -1.0, sampling.prompt_logprobs) for token in prompt[1:])],
         )
 
     def finish(

@@ -40,26 +40,34 @@ async def test_a_list_of_one_prompt_is_accepted(client):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": [1, 2, 3]}, "prompt"),
-        ({"prompt": [[1, 2]]}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [[1, 2], "a", ""]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [-1, 2]}, "prompt"),
+        ({"prompt": [[1, True]]}, "prompt"),
+        ({"prompt": [0xD800]}, "prompt"),  # beyond the vocabulary
+        ({"prompt": ["a"] * 65}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
-        ({"prompt": "abc", "echo": True}, "echo"),
         ({"prompt": "abc", "best_of": 3}, "best_of"),
-        ({"prompt": "abc", "logprobs": 2}, "logprobs"),
+        ({"prompt": "abc", "logprobs": 21}, "logprobs"),
+        ({"prompt": "abc", "logprobs": True}, "logprobs"),
+        ({"prompt": "abc", "echo": "yes"}, "echo"),
+        ({"prompt": "abc", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "abc", "n": 17}, "n"),
+        ({"prompt": ["a", "b"], "stream": True}, "prompt"),
         ({"prompt": "abc", "suffix": "zzz"}, "suffix"),
     ],
 )
-async def test_unsupported_prompts_and_features_are_refused(client, body, param):
+async def test_bad_prompts_and_fields_are_refused(client, body, param):
     error = assert_openai_error(await client.post("/v1/completions", json=body), 400, param)
     assert error["type"] == "invalid_request_error"
 
 
-async def test_token_prompt_refusal_says_why(client):
-    error = assert_openai_error(await client.post("/v1/completions", json={"prompt": [1, 2]}), 400, "prompt")
-    assert "token-id prompts are not supported" in error["message"]
+async def test_an_out_of_vocabulary_token_id_is_named(client):
+    response = await client.post("/v1/completions", json={"prompt": [[97], [98, 0xD800]]})
+    error = assert_openai_error(response, 400, "prompt")
+    assert "prompt 1 holds token id 55296" in error["message"]
 
 
 async def test_streaming_completion(client):

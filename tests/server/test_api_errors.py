@@ -58,17 +58,28 @@ BAD_CHAT_BODIES = [
     ),
     pytest.param({"messages": [USER], "stop": [""]}, 400, "stop", id="empty-stop"),
     pytest.param({"messages": [USER], "stop": 5}, 400, "stop", id="stop-number"),
-    pytest.param({"messages": [USER], "n": 2}, 400, "n", id="n-2"),
+    pytest.param({"messages": [USER], "n": 0}, 400, "n", id="n-0"),
+    pytest.param({"messages": [USER], "n": 17}, 400, "n", id="n-17"),
     pytest.param(
         {"messages": [USER], "presence_penalty": 0.5}, 400, "presence_penalty", id="presence-penalty"
     ),
     pytest.param(
         {"messages": [USER], "frequency_penalty": -1}, 400, "frequency_penalty", id="frequency-penalty"
     ),
-    pytest.param({"messages": [USER], "logprobs": True}, 400, "logprobs", id="logprobs"),
+    pytest.param({"messages": [USER], "logprobs": 1}, 400, "logprobs", id="logprobs-int"),
+    pytest.param({"messages": [USER], "top_logprobs": 2}, 400, "top_logprobs", id="top-logprobs-alone"),
+    pytest.param(
+        {"messages": [USER], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", id="top-logprobs-21"
+    ),
     pytest.param({"messages": [USER], "tools": [{"type": "function"}]}, 400, "tools", id="tools"),
     pytest.param(
-        {"messages": [USER], "response_format": {"type": "json_object"}}, 400, "response_format", id="json"
+        {"messages": [USER], "response_format": {"type": "xml"}}, 400, "response_format.type", id="format-xml"
+    ),
+    pytest.param(
+        {"messages": [USER], "response_format": {"type": "json_schema"}},
+        400,
+        "response_format.json_schema",
+        id="format-no-schema",
     ),
     pytest.param({"messages": [USER], "stream": "yes"}, 400, "stream", id="stream-string"),
     pytest.param({"messages": [USER], "taer": {"task": "poetry"}}, 404, "taer.task", id="unknown-task"),
@@ -112,8 +123,8 @@ async def test_validation_messages_read_well(client):
         "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
     )
     assert response.json()["error"]["message"].startswith("request body is not valid JSON")
-    response = await client.post("/v1/chat/completions", json={"messages": [USER], "n": 3})
-    assert response.json()["error"]["message"] == "n: only n=1 is supported; send several requests instead"
+    response = await client.post("/v1/chat/completions", json={"messages": [USER], "n": 30})
+    assert response.json()["error"]["message"] == "n: Input should be less than or equal to 16"
 
 
 async def test_prompt_too_long_names_the_sizes(client):

@@ -114,7 +114,8 @@ async def test_generate_stream_with_a_stop_sequence(client):
         ({"temperature": -1.0}, "parameters.temperature"),
         ({"top_p": 1.5}, "parameters.top_p"),
         ({"best_of": 2}, "parameters.best_of"),
-        ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar"),
+        ({"grammar": {"type": "xml", "value": {}}}, "parameters.grammar.type"),
+        ({"grammar": {"type": "json", "value": "{not json"}}, "parameters.grammar.value"),
         ({"do_sample": "yes"}, "parameters.do_sample"),
     ],
 )

@@ -141,12 +141,20 @@ def test_answers_equal_the_single_process(servers):
         "model": "ckpt",
         "prompt": "<user>Reverse stone\n<assistant>",
         "max_tokens": 8,
-        "temperature": 0,
+        "temperature": 0.8,
+        "seed": 5,
+        "n": 2,
+        "echo": True,
+        "logprobs": 2,
     }
     a = httpx.post(f"{cluster}/v1/completions", json=completion, headers=HEADERS, timeout=60)
     b = httpx.post(f"{single}/v1/completions", json=completion, headers=HEADERS, timeout=60)
     assert a.status_code == b.status_code == 200
-    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+    assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
+    for mine, theirs in zip(a.json()["choices"], b.json()["choices"], strict=True):
+        assert mine["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            theirs["logprobs"]["token_logprobs"][1:], abs=1e-5
+        )
     assert a.headers["x-taer-task"] == b.headers["x-taer-task"]
     tgi = {"inputs": f"<user>{ARITHMETIC}\n<assistant>", "parameters": {"max_new_tokens": 8}}
     a = httpx.post(f"{cluster}/generate", json=tgi, headers=HEADERS, timeout=60)
@@ -167,6 +175,32 @@ def test_bad_input_is_refused_at_the_ingress_as_by_the_single_process(servers):
         b = httpx.post(f"{single}/v1/chat/completions", json=body, headers=headers, timeout=30)
         assert a.status_code == b.status_code and 400 <= a.status_code < 500
         assert a.json()["error"]["param"] == b.json()["error"]["param"]
+
+
+def test_the_web_page_and_its_data_come_from_the_ingress(servers):
+    cluster, single = servers
+    page = httpx.get(f"{cluster}/", timeout=10)  # public, like the single process's
+    assert page.status_code == 200 and "/ui/app.js" in page.text
+    tables = [httpx.get(f"{url}/v1/taer/tcess", headers=HEADERS, timeout=30).json() for url in servers]
+    assert tables[0] == tables[1] and [p["task"] for p in tables[0]["patterns"]][-1] == "general"
+    _chat(cluster, ARITHMETIC)
+
+    def preview(url: str) -> dict:
+        body = {"prompt": ARITHMETIC}
+        return httpx.post(f"{url}/v1/taer/route", json=body, headers=HEADERS, timeout=30).json()
+
+    # Once the replicas have reported, the dry run compares with the one now holding arithmetic.
+    shown = _until(lambda: (p := preview(cluster))["num_to_load"] == 0 and p)
+    assert shown, preview(cluster)
+    alone = preview(single)
+    assert shown["task"] == alone["task"] == "arithmetic" and shown["experts"] == alone["experts"]
+    assert shown["replica"] in {r["replica"] for r in _replicas(cluster)}
+    (last, *_) = httpx.get(f"{cluster}/v1/taer/requests", headers=HEADERS, timeout=10).json()["requests"]
+    assert last["task"] == "arithmetic" and last["replica"] and last["completion_tokens"] > 0
+
+
+def _replicas(url: str) -> list[dict]:
+    return httpx.get(f"{url}/v1/taer/patterns", headers=HEADERS, timeout=10).json()["replicas"]
 
 
 def test_each_task_goes_to_its_own_replica(servers):

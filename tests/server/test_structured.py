@@ -8,6 +8,7 @@ Legend: V = the model's vocabulary (the logits' width, past the tokenizer's own 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -26,8 +27,6 @@ from server.structured import (
     MAX_CONSTRAINT_BYTES,
     GrammarCompiler,
     OutputConstraint,
-    constraint_from_response_format,
-    constraint_from_tgi_grammar,
 )
 
 PADDING = 7  # logits wider than the tokenizer, as real checkpoints pad their vocabulary
@@ -152,7 +151,7 @@ def test_regex_with_a_tokenizer_without_decoder():
 def test_when_done_only_eos_is_allowed(byte_compiler):
     tokenizer, compiler = byte_compiler
     matcher = compiler.matcher(OutputConstraint("json_schema", PERSON))
-    for token in tokenizer.encode('{"name": "Ann", "age": 7, "role": "user"}', add_special_tokens=False):
+    for token in tokenizer.encode('{"name":"Ann","age":7,"role":"user"}', add_special_tokens=False):
         assert not matcher.is_done
         assert matcher.allowed()[token]
         matcher.accept(token)
@@ -182,7 +181,7 @@ def test_extra_eos_ids_are_allowed_at_the_end():
 def test_mask_logits_leaves_allowed_logits_and_sets_the_rest_to_minus_inf(byte_compiler, dtype):
     tokenizer, compiler = byte_compiler
     matcher = compiler.matcher(OutputConstraint("json_schema", PERSON))
-    for token in tokenizer.encode('{"name": "A', add_special_tokens=False):
+    for token in tokenizer.encode('{"name":"A', add_special_tokens=False):
         matcher.accept(token)
     logits = torch.randn(compiler.vocab_size, generator=torch.Generator().manual_seed(0)).to(dtype)  # [V]
     masked = logits.clone()
@@ -274,8 +273,9 @@ def test_an_unusable_constraint_is_a_request_error_naming_the_problem(
     byte_compiler, constraint, problem, param
 ):
     _, compiler = byte_compiler
+    constraint = dataclasses.replace(constraint, param=param)
     with pytest.raises(RequestError, match=re.escape(problem)) as caught:
-        compiler.check(constraint, param=param)
+        compiler.check(constraint)
     assert caught.value.param == param
     assert str(caught.value).startswith(param)
     assert "\n" not in str(caught.value)
@@ -300,70 +300,3 @@ def test_constraints_cross_processes_by_pickle():
 def test_a_constraint_of_the_wrong_shape_is_a_value_error(kind, value):
     with pytest.raises(ValueError):
         OutputConstraint(kind, value)
-
-
-@pytest.mark.parametrize(
-    "response_format, expected",
-    [
-        (None, None),
-        ({"type": "text"}, None),
-        ({"type": "json_object"}, OutputConstraint("json_object")),
-        (
-            {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
-            OutputConstraint("json_schema", PERSON),
-        ),
-        ({"type": "json_schema", "json_schema": {"name": "anything"}}, OutputConstraint("json_schema", {})),
-    ],
-)
-def test_response_format_to_constraint(response_format, expected):
-    assert constraint_from_response_format(response_format) == expected
-
-
-@pytest.mark.parametrize(
-    "response_format, problem",
-    [
-        ("json", "response_format must be an object"),
-        ({"type": "xml"}, "response_format.type must be"),
-        ({}, "response_format.type must be"),
-        ({"type": "json_schema"}, "response_format.json_schema must be an object"),
-        ({"type": "json_schema", "json_schema": {"schema": [1]}}, "json_schema.schema must be a JSON schema"),
-        (
-            {"type": "json_schema", "json_schema": {"name": 5, "schema": {}}},
-            "json_schema.name must be a string",
-        ),
-        ({"type": "json_schema", "json_schema": {"strict": "yes", "schema": {}}}, "strict must be a boolean"),
-    ],
-)
-def test_a_bad_response_format_is_a_request_error_naming_the_field(response_format, problem):
-    with pytest.raises(RequestError, match=re.escape(problem)) as caught:
-        constraint_from_response_format(response_format)
-    assert caught.value.param == "response_format"
-
-
-@pytest.mark.parametrize(
-    "grammar, expected",
-    [
-        (None, None),
-        ({"type": "json", "value": PERSON}, OutputConstraint("json_schema", PERSON)),
-        ({"type": "json", "value": json.dumps(PERSON)}, OutputConstraint("json_schema", PERSON)),
-        ({"type": "regex", "value": "[0-9]+"}, OutputConstraint("regex", "[0-9]+")),
-    ],
-)
-def test_tgi_grammar_to_constraint(grammar, expected):
-    assert constraint_from_tgi_grammar(grammar) == expected
-
-
-@pytest.mark.parametrize(
-    "grammar, problem",
-    [
-        ("regex", "parameters.grammar must be an object"),
-        ({"type": "yaml", "value": "a: 1"}, "parameters.grammar.type must be 'json' or 'regex'"),
-        ({"type": "json", "value": "{not json"}, "parameters.grammar.value is a string but not JSON"),
-        ({"type": "json", "value": [1, 2]}, "parameters.grammar.value must be a JSON schema object"),
-        ({"type": "regex", "value": 5}, "parameters.grammar.value must be a regex string"),
-    ],
-)
-def test_a_bad_tgi_grammar_is_a_request_error_naming_the_field(grammar, problem):
-    with pytest.raises(RequestError, match=re.escape(problem)) as caught:
-        constraint_from_tgi_grammar(grammar)
-    assert caught.value.param == "parameters.grammar"
