@@ -23,8 +23,9 @@ from server.engine_api import Engine, EngineNotReadyError
 from server.errors import RETRY_AFTER_S, ApiError, install_error_handlers, to_api_error
 from server.metrics import Metrics
 from server.openapi import install_openapi
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, TgiRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, TgiRequest
 from server.request_run import Admission, ServingContext
+from server.responses import ModelCard, ModelList
 from server.serving import ServingChat, ServingCompletion
 from server.serving_tgi import ServingTGI
 from server.settings import ServerSettings

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (OpenAI and TGI shapes). Pydantic lives here only.
+"""Request bodies of the HTTP API (OpenAI and TGI shapes); the responses are in ``responses.py``.
 
 Request models are strict (``"0.5"`` is not a number, ``"16"`` is not an integer; ``16.0`` is
 one, as JSON Schema has it, ``16.5`` is not) and ignore fields they do not know, as OpenAI clients
@@ -23,7 +23,6 @@ from server.engine_api import (
     MAX_STOP_STRINGS,
     REPETITION_PENALTY_RANGE,
     SEED_RANGE,
-    RoutingInfo,
     TaerOptions,
     check_mode,
     check_stop_strings,
@@ -63,7 +62,7 @@ _PROMPT_SCHEMA = {
 }
 Prompt = str | list[int]
 """One prompt: its text, or its token ids."""
-_CONTENT_SCHEMA = {
+CONTENT_SCHEMA = {
     "anyOf": [
         {"type": "string"},
         {
@@ -322,7 +321,7 @@ class ChatMessage(_TextChecked):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
+    content: Annotated[str, WithJsonSchema(CONTENT_SCHEMA)]
     name: str | None = None
 
     @field_validator("content", mode="before")
@@ -490,157 +489,3 @@ class TgiRequest(_EdgeModel):
     @classmethod
     def _inputs_have_text(cls, value: str) -> str:
         return _non_empty(value)
-
-
-# Responses ------------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    """A chat choice's ``logprobs``: one entry per generated token."""
-
-    content: list[ChatTokenLogprob] | None = None
-    refusal: list[ChatTokenLogprob] | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """A text completion choice's ``logprobs`` (the legacy shape): parallel lists, one entry per
-    token (with ``echo``, the prompt's tokens first; the very first has no log probability)."""
-
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: Annotated[str, WithJsonSchema(_CONTENT_SCHEMA)]
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-    taer: RoutingInfo | None = None  # what served the request
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: dict[str, str]
-    finish_reason: str | None = None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    taer: RoutingInfo | None = None  # what served the request
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None = None
-    logprobs: CompletionLogprobs | None = None
-
-
-class CompletionResponse(BaseModel):
-    """A whole completion, and (with ``finish_reason`` possibly null) one streamed chunk."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    taer: RoutingInfo | None = None  # what served the request
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "taer"
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TgiDetails(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
-    generated_tokens: int
-    seed: int | None
-    input_length: int
-
-
-class TgiResponse(BaseModel):
-    generated_text: str
-    details: TgiDetails | None = None
-    taer: RoutingInfo | None = None  # what served the request
-
-
-class TgiToken(BaseModel):
-    id: int
-    text: str
-    logprob: float | None = None
-    special: bool = False
-
-
-class TgiStreamEvent(BaseModel):
-    index: int
-    token: TgiToken
-    top_tokens: None = None
-    generated_text: str | None = None
-    details: TgiDetails | None = None
-    taer: RoutingInfo | None = None  # what served the request
-
-
-def to_json(model: BaseModel, omit_if_none: tuple[str, ...] = ("taer",)) -> dict[str, Any]:
-    """``model`` as JSON data, leaving out the named top-level fields when they are ``None``."""
-    data = model.model_dump(mode="json")
-    for key in omit_if_none:
-        if data.get(key, 0) is None:
-            del data[key]
-    return data

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from server.engine_api import Tokenizer, TokenLogprob
-from server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
 class TokenTexts:

@@ -17,8 +17,9 @@ from starlette.requests import Request
 
 from expert_store.errors import RequestError
 from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
-from server.protocol import TgiDetails, TgiGrammar, TgiRequest, TgiResponse, TgiStreamEvent, TgiToken, to_json
+from server.protocol import TgiGrammar, TgiRequest
 from server.request_run import RequestRun, routing_headers, sse_event
+from server.responses import TgiDetails, TgiResponse, TgiStreamEvent, TgiToken, to_json
 from server.serving import RequestedSampling, ServingBase
 
 if TYPE_CHECKING:
