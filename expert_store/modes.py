@@ -6,6 +6,9 @@
 
 The runtime routes in the first two (:data:`RoutingMode`); ``full`` is served as exact routing with
 every expert allowed.
+
+A query like nothing stored (retrieval's fallback) is served in pruned mode by a :data:`Fallback`: the
+general pattern, exact mode, or the full model.
 """
 
 from __future__ import annotations
@@ -17,3 +20,5 @@ Mode = Literal["pruned", "exact", "full"]
 
 ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 MODES: tuple[str, ...] = get_args(Mode)
+Fallback = Literal["general", "exact", "full"]
+FALLBACKS: tuple[str, ...] = get_args(Fallback)

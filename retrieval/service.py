@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from expert_store.errors import RequestError, UnknownTaskError
-from expert_store.modes import Mode
+from expert_store.modes import FALLBACKS, Fallback, Mode
 from retrieval.index import TaskIndex
 from retrieval.patterns import PatternSet
 from retrieval.selection import Budget, Selection, merge, select
@@ -67,7 +67,13 @@ class PatternRouter:
         adaptive: bool = False,
         merge_close_calls: bool = False,
         k: int = 8,
+        fallback: Fallback = "general",
     ) -> None:
+        """``fallback``: what serves a pruned-mode query like nothing stored (the vote's fallback):
+        the general pattern, exact mode (the model's own routing, the general pattern as prefetch
+        hint) or the full model."""
+        if fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {fallback!r}; use one of {', '.join(FALLBACKS)}")
         self.patterns = patterns
         self.budget = budget
         self.index = index
@@ -75,6 +81,7 @@ class PatternRouter:
         self.adaptive = adaptive
         self.merge_close_calls = merge_close_calls
         self.k = k
+        self.fallback = fallback
         self.moe_layers: list[int] = list(patterns.metadata.get("moe_layers", []))
         self._selection = lru_cache(maxsize=256)(self._select)
         # One query at a time: a fast tokenizer called from two threads at once can fail ("Already
@@ -114,6 +121,11 @@ class PatternRouter:
             return RouteExplanation(Route(request.task, mode, self.selection(request.task)))
         if result is None:  # no index: the general pattern serves everything
             return RouteExplanation(Route(GENERAL, mode, self.selection(GENERAL), None, None))
+        if result.is_fallback and mode == "pruned" and self.fallback != "general":
+            selection = self.selection(GENERAL) if self.fallback == "exact" else None  # a prefetch hint
+            task = GENERAL if self.fallback == "exact" else None
+            route = Route(task, self.fallback, selection, result.similarity, result.confidence, seconds)
+            return RouteExplanation(route, result)
         key = result.task
         if self.merge_close_calls and result.close_call and result.runner_up and not result.is_fallback:
             key = f"{result.task}+{result.runner_up}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expert_store.errors import BudgetError
-from expert_store.modes import MODES, Mode
+from expert_store.modes import MODES, Fallback, Mode
 from expert_store.runtime import (
     RuntimeConfig,
     load_runtime,
@@ -43,6 +43,7 @@ class ServeConfig:
     encoder_dtype: str = "auto"
     adaptive: bool = False
     merge_close_calls: bool = False
+    fallback: Fallback = "general"  # what serves a query like nothing stored (retrieval/service.py)
 
     @property
     def torch_dtype_name(self) -> str | None:
@@ -193,6 +194,7 @@ def _router(config: ServeConfig, patterns, budget: Budget, index) -> PatternRout
         config.mode,
         adaptive=config.adaptive,
         merge_close_calls=config.merge_close_calls,
+        fallback=config.fallback,
     )
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from expert_store.errors import TaerError
-from expert_store.modes import MODES
+from expert_store.modes import FALLBACKS, MODES
 
 
 def _env(name: str, default=None, kind=str):
@@ -59,6 +59,13 @@ def register(subparsers) -> None:
         help="expert slots per layer (default: the budget's experts per layer)",
     )
     parser.add_argument("--mode", choices=MODES, default=_env("MODE", "pruned"))
+    parser.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default=_env("FALLBACK", "general"),
+        help="in pruned mode, what serves a query like nothing stored: the general pattern, exact "
+        "mode (every expert, loaded as routed) or the full model (TAER_FALLBACK)",
+    )
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_env("PORT", 8000, int))
     parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")
@@ -160,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         expert_memory=args.expert_memory,
         slots_per_layer=args.slots_per_layer,
         mode=args.mode,
+        fallback=args.fallback,
         device=args.device,
         dtype=args.dtype,
         encoder=args.encoder,
