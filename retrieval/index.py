@@ -260,7 +260,8 @@ class TaskIndex:
         if not built_with.matches(encoder.fingerprint):
             raise RetrievalIndexError(
                 f"index {directory} was built with encoder {built_with} but is queried with "
-                f"{encoder.fingerprint}; rebuild it with `taer index` or pass the original encoder"
+                f"{encoder.fingerprint}; rebuild it with `taer index` or pass the encoder it was built with "
+                f"({built_with.name}: --encoder NAME_OR_DIR)"
             )
         index = read_faiss_index(directory)
         labels = np.asarray(metadata["labels"], dtype=np.int32)  # [N]

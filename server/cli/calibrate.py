@@ -42,7 +42,11 @@ def register(subparsers) -> None:
         help="an expert whose largest output exceeds this multiple of its layer's median is a super expert",
     )
     parser.add_argument(
-        "--encoder", type=Path, default=None, help="sentence-transformers model directory for the index"
+        "--encoder",
+        type=Path,
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="the index's encoder: minilm (default), mpnet, or a sentence-transformers model directory",
     )
     parser.add_argument("--no-index", action="store_true", help="write patterns only, no retrieval index")
     parser.set_defaults(func=run)

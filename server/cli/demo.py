@@ -38,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--store", type=Path, default=None, help="the store (default DATA/store)")
     prepare.add_argument("--patterns", type=Path, default=None, help="patterns (default DATA/patterns)")
     prepare.add_argument(
-        "--encoder", type=Path, default=None, help="sentence-transformers model directory for the index"
+        "--encoder",
+        type=Path,
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="the index's encoder: minilm (default), mpnet, or a sentence-transformers model directory",
     )
     prepare.set_defaults(func=run_prepare)
 

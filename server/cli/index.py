@@ -18,7 +18,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "patterns_dir", type=Path, help="the patterns directory; the index goes in its index/"
     )
-    parser.add_argument("--encoder", type=Path, default=None, help="sentence-transformers model directory")
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        metavar="NAME_OR_DIR",
+        help="minilm (default), mpnet, or a sentence-transformers model directory; the index records it",
+    )
     parser.add_argument("--kind", choices=["auto", "flat", "hnsw"], default="auto")
     parser.add_argument("--hnsw-threshold", type=int, default=None, help="auto: HNSW from this many texts")
     parser.add_argument(

@@ -89,7 +89,9 @@ def register(subparsers) -> None:
         "--encoder",
         type=Path,
         default=_env("ENCODER", None, Path),
-        help="sentence-transformers model directory the index was built with",
+        metavar="NAME_OR_DIR",
+        help="the encoder the index was built with: minilm (default), mpnet, or a sentence-transformers "
+        "model directory (TAER_ENCODER)",
     )
     parser.add_argument(
         "--encoder-dtype",

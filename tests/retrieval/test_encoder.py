@@ -16,10 +16,10 @@ from retrieval.encoder import (
     Encoder,
     EncoderFingerprint,
     cpu_has_native_bf16,
-    default_model_dir,
     fingerprint_digest,
     resolve_encoder_dtype,
 )
+from retrieval.encoder_sources import default_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -225,6 +225,7 @@ def test_mismatched_encoder_is_refused(tmp_path, encoder, index):
     message = str(caught.value)
     assert str(encoder.fingerprint) in message
     assert "other-model:384:0123456789abcdef" in message
+    assert f"({encoder.name}: --encoder NAME_OR_DIR)" in message  # what to pass
 
 
 def test_empty_index_is_refused_at_build(encoder):
@@ -374,6 +375,19 @@ def test_taer_index_builds_a_loadable_index(tmp_path, encoder, capsys):
     ]
     assert main(["index", str(tasks_file), str(tmp_path / "patterns"), "--min-confidence", "2"]) == 2
     assert "min_confidence must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_taer_index_encoder_by_name(tmp_path, encoder, capsys):
+    from server.cli import main
+
+    tasks_file = write_tasks_file(tmp_path)
+    patterns = tmp_path / "patterns"
+    assert main(["index", str(tasks_file), str(patterns), "--encoder", "minilm"]) == 0
+    assert f"encoder {encoder.fingerprint}" in capsys.readouterr().out
+    metadata = json.loads((patterns / INDEX_SUBDIR / METADATA_FILE).read_text())
+    assert metadata["encoder"] == str(encoder.fingerprint)  # the index records its encoder
+    assert main(["index", str(tasks_file), str(patterns), "--encoder", "no-such-model"]) == 2
+    assert "encoder 'no-such-model': no such directory, nor a name taer knows" in capsys.readouterr().err
 
 
 def test_taer_index_task_space_options(tmp_path, encoder, capsys):
