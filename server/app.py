@@ -23,7 +23,7 @@ from server.engine_api import Engine, EngineNotReadyError
 from server.errors import RETRY_AFTER_S, ApiError, install_error_handlers, to_api_error
 from server.metrics import Metrics
 from server.openapi import install_openapi
-from server.protocol import ChatCompletionRequest, CompletionRequest, TgiRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, TgiCompatRequest, TgiRequest
 from server.request_run import Admission, ServingContext
 from server.responses import ModelCard, ModelList
 from server.serving import ServingChat, ServingCompletion
@@ -99,6 +99,11 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/generate_stream")
     async def generate_stream(body: TgiRequest, raw: Request) -> Response:
         return await raw.app.state.tgi.generate_stream(body, raw)
+
+    @app.post("/")
+    async def tgi_compat(body: TgiCompatRequest, raw: Request) -> Response:
+        tgi = raw.app.state.tgi
+        return await (tgi.generate_stream(body, raw) if body.stream else tgi.generate(body, raw))
 
     @app.get("/v1/models")
     async def models(raw: Request) -> ModelList:
@@ -192,7 +197,8 @@ class RequestGuard:
             self.metrics.record_request(endpoint, status)
 
     def _refusal(self, scope: Scope) -> ApiError | None:
-        if scope["path"] == HEALTH_PATH or is_page_path(scope["path"]):  # the page holds no data
+        path, method = scope["path"], scope["method"]
+        if path == HEALTH_PATH or (method in ("GET", "HEAD") and is_page_path(path)):  # no data there
             return None
         if self.drain.is_draining:
             return ApiError(

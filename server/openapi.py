@@ -26,6 +26,7 @@ _REQUEST_MODELS = (
     protocol.TaerRequest,
     protocol.TgiParameters,
     protocol.TgiRequest,
+    protocol.TgiCompatRequest,
     RouteQuery,
 )
 

@@ -456,8 +456,12 @@ class TgiParameters(_EdgeModel):
     truncate: Any = None
     watermark: Any = None
     grammar: TgiGrammar | None = None
-    top_n_tokens: Any = None
-    decoder_input_details: Any = None
+    top_n_tokens: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="alternatives per generated token, with details"
+    )
+    decoder_input_details: bool = Field(
+        default=False, description="with details: the prompt's tokens and their log probabilities (prefill)"
+    )
     frequency_penalty: Any = None
 
     unsupported: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
@@ -465,8 +469,6 @@ class TgiParameters(_EdgeModel):
         "typical_p": ((None, 1), "typical_p is not supported"),
         "truncate": ((None,), "truncate is not supported; shorten the input instead"),
         "watermark": ((None, False), "watermark is not supported"),
-        "top_n_tokens": ((None, 0), "top_n_tokens is not supported"),
-        "decoder_input_details": ((None, False), "decoder_input_details is not supported"),
         "frequency_penalty": ((None, 0), "only 0 is supported; use repetition_penalty instead"),
     }
 
@@ -489,3 +491,10 @@ class TgiRequest(_EdgeModel):
     @classmethod
     def _inputs_have_text(cls, value: str) -> str:
         return _non_empty(value)
+
+
+class TgiCompatRequest(TgiRequest):
+    """``POST /``, TGI's route for clients that post to the server's URL itself (Hugging Face's
+    ``InferenceClient``): ``stream`` chooses between ``/generate`` and ``/generate_stream``."""
+
+    stream: bool = False

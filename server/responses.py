@@ -123,17 +123,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TgiDetails(BaseModel):
+class TgiStreamDetails(BaseModel):
+    """``details`` of a stream's last event."""
+
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
     input_length: int
 
 
-class TgiResponse(BaseModel):
-    generated_text: str
-    details: TgiDetails | None = None
-    taer: RoutingInfo | None = None  # what served the request
+class TgiPrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None  # the first prompt token has none
 
 
 class TgiToken(BaseModel):
@@ -143,12 +145,27 @@ class TgiToken(BaseModel):
     special: bool = False
 
 
+class TgiDetails(TgiStreamDetails):
+    """``details`` of ``POST /generate``: the generated tokens with their log probabilities, the
+    prompt's with ``decoder_input_details``, the alternatives with ``top_n_tokens``."""
+
+    prefill: list[TgiPrefillToken] = Field(default_factory=list)
+    tokens: list[TgiToken] = Field(default_factory=list)
+    top_tokens: list[list[TgiToken]] | None = None
+
+
+class TgiResponse(BaseModel):
+    generated_text: str
+    details: TgiDetails | None = None
+    taer: RoutingInfo | None = None  # what served the request
+
+
 class TgiStreamEvent(BaseModel):
     index: int
     token: TgiToken
-    top_tokens: None = None
+    top_tokens: list[TgiToken] | None = None
     generated_text: str | None = None
-    details: TgiDetails | None = None
+    details: TgiStreamDetails | None = None
     taer: RoutingInfo | None = None  # what served the request
 
 

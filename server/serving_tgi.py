@@ -2,8 +2,11 @@
 
 Differences from TGI, on purpose: errors use the OpenAI error shape (as every route here does);
 ``do_sample: false`` decodes greedily even when a temperature is given; a streamed event carries
-one engine output, which is one token unless the engine coalesced several (its ``id`` is then the
-last of them); ``logprob`` is always null.
+one engine output, which is one token unless the engine coalesced several (its ``id`` and
+``logprob`` are then the last one's), and its ``text`` is the text released with it (held back
+while a stop string may be forming). Log probabilities are the model's own, before sampling's
+changes (as on the OpenAI routes); ``details.tokens`` lists every generated token,
+``details.prefill`` (with ``decoder_input_details``) the prompt's.
 """
 
 from __future__ import annotations
@@ -16,10 +19,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
 from expert_store.errors import RequestError
-from server.engine_api import FinishReason, GenerationOutput, GenerationRequest
+from server.engine_api import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from server.protocol import TgiGrammar, TgiRequest
 from server.request_run import RequestRun, routing_headers, sse_event
-from server.responses import TgiDetails, TgiResponse, TgiStreamEvent, TgiToken, to_json
+from server.responses import (
+    TgiDetails,
+    TgiPrefillToken,
+    TgiResponse,
+    TgiStreamDetails,
+    TgiStreamEvent,
+    TgiToken,
+    to_json,
+)
 from server.serving import RequestedSampling, ServingBase
 
 if TYPE_CHECKING:
@@ -42,12 +53,20 @@ class ServingTGI(ServingBase):
         (choice,) = result.choices
         details = None
         if body.parameters.details:
-            details = _details(
+            stream_details = _details(
                 choice.finish_reason or "stop",
                 choice.stop_reason,
                 generated_tokens=result.completion_tokens,
                 seed=request.sampling.seed,
                 input_length=result.prompt_tokens,
+            )
+            details = TgiDetails(
+                **stream_details.model_dump(),
+                prefill=self._prefill(request, choice.prompt_logprobs),
+                tokens=[self._token(e, choice, i) for i, e in enumerate(choice.logprobs or [])],
+                top_tokens=None
+                if not body.parameters.top_n_tokens
+                else [self.top_tokens(e) for e in choice.logprobs or []],
             )
         response = TgiResponse(
             generated_text=_prefix(body) + choice.text,
@@ -59,12 +78,39 @@ class ServingTGI(ServingBase):
         )
 
     async def generate_stream(self, body: TgiRequest, raw: Request) -> Response:
-        run = RequestRun(self.context, self.to_generation_request(body), raw)
+        run = RequestRun(self.context, self.to_generation_request(body, stream=True), raw)
         # TGI ends its streams without a [DONE] marker.
-        return await run.stream(_TgiStream(_prefix(body)), done_marker=False)
+        return await run.stream(_TgiStream(_prefix(body), self), done_marker=False)
 
-    def to_generation_request(self, body: TgiRequest) -> GenerationRequest:
+    def _prefill(self, request: GenerationRequest, entries) -> list[TgiPrefillToken]:
+        if entries is None:
+            return []
+        return [
+            TgiPrefillToken(id=token, text=self.token_texts(token), logprob=None if e is None else e.logprob)
+            for token, e in zip(request.prompt_token_ids, entries, strict=True)
+        ]
+
+    def _token(self, entry: TokenLogprob, choice, index: int) -> TgiToken:
+        # The last token of a sequence that ended on its own, not on a stop string, is the end token.
+        is_eos = (
+            index == len(choice.token_ids) - 1
+            and choice.finish_reason == "stop"
+            and choice.stop_reason is None
+        )
+        return TgiToken(
+            id=entry.token_id, text=self.token_texts(entry.token_id), logprob=entry.logprob, special=is_eos
+        )
+
+    def top_tokens(self, entry: TokenLogprob) -> list[TgiToken]:
+        return [
+            TgiToken(id=token, text=self.token_texts(token), logprob=logprob) for token, logprob in entry.top
+        ]
+
+    def to_generation_request(self, body: TgiRequest, *, stream: bool = False) -> GenerationRequest:
+        """TGI reports each token's log probability in a stream and in ``details``; the prompt's
+        with ``decoder_input_details``."""
         params = body.parameters
+        scored = stream or params.details
         seed = params.seed
         if params.do_sample and seed is None:
             # Chosen here, not in the engine, so that `details.seed` can report it.
@@ -79,6 +125,8 @@ class ServingTGI(ServingBase):
             stop=() if params.stop is None else tuple(params.stop),
             repetition_penalty=params.repetition_penalty,
             constraint=_grammar_constraint(params.grammar),
+            logprobs=(params.top_n_tokens or 0) if scored else None,
+            prompt_logprobs=0 if params.details and params.decoder_input_details and not stream else None,
             prompt_param="inputs",
             names=_PARAM_NAMES,
         )
@@ -124,12 +172,12 @@ def _details(
     generated_tokens: int,
     seed: int | None,
     input_length: int,
-) -> TgiDetails:
+) -> TgiStreamDetails:
     if finish_reason == "length":
         tgi_reason = "length"
     else:
         tgi_reason = "stop_sequence" if stop_reason is not None else "eos_token"
-    return TgiDetails(
+    return TgiStreamDetails(
         finish_reason=tgi_reason, generated_tokens=generated_tokens, seed=seed, input_length=input_length
     )
 
@@ -138,8 +186,9 @@ class _TgiStream:
     """One event per engine output that carries tokens; the last one also carries
     ``generated_text`` and ``details``."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, serving: ServingTGI) -> None:
         self._prefix = prefix
+        self._serving = serving
         self._texts: list[str] = []
         self._index = 0
         self._last_token_id = 0
@@ -158,9 +207,16 @@ class _TgiStream:
         is_eos = (
             output.finished and not output.text and run.finish_reason == "stop" and run.stop_reason is None
         )
-        event = TgiStreamEvent(
-            index=self._index, token=TgiToken(id=self._last_token_id, text=output.text, special=is_eos)
+        last = output.logprobs[-1] if output.logprobs else None
+        token = TgiToken(
+            id=self._last_token_id,
+            text=output.text,
+            logprob=None if last is None else last.logprob,
+            special=is_eos,
         )
+        event = TgiStreamEvent(index=self._index, token=token)
+        if last is not None and run.request.sampling.logprobs:
+            event.top_tokens = self._serving.top_tokens(last)
         if self._index == 1:
             event.taer = run.routing
         if output.finished:

@@ -20,6 +20,7 @@ ROUTES = {
     "/v1/completions": "CompletionRequest",
     "/generate": "TgiRequest",
     "/generate_stream": "TgiRequest",
+    "/": "TgiCompatRequest",
 }
 # The one rule a JSON schema cannot state: the prompt's tokens plus these must fit the context.
 LENGTH_PARAMS = {"max_tokens", "max_completion_tokens", "parameters.max_new_tokens"}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from api_helpers import DONE, assert_openai_error, sse_data
+from api_helpers import DONE, app_client, assert_openai_error, sse_data
+from fake_engine import FakeEngine
+
+from server.settings import ServerSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -39,12 +42,14 @@ async def test_generate_details_and_finish_reasons(client, parameters, text, fin
     response = await client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["generated_text"] == text
-    assert response.json()["details"] == {
+    details = response.json()["details"]
+    assert {key: details[key] for key in ("finish_reason", "generated_tokens", "seed", "input_length")} == {
         "finish_reason": finish_reason,
         "generated_tokens": generated_tokens,
         "seed": None,  # greedy
         "input_length": 5,
     }
+    assert len(details["tokens"]) == generated_tokens
 
 
 async def test_do_sample_false_is_greedy_whatever_the_temperature(client, engine):
@@ -126,3 +131,55 @@ async def test_bad_parameters_name_the_field(client, parameters, param):
 
 async def test_input_longer_than_the_context(client):
     assert_openai_error(await client.post("/generate", json={"inputs": "x" * 300}), 400, "inputs")
+
+
+async def test_details_list_tokens_prefill_and_top_tokens(client, engine):
+    body = {
+        "inputs": "ab",
+        "parameters": {
+            "max_new_tokens": 5,
+            "details": True,
+            "decoder_input_details": True,
+            "top_n_tokens": 2,
+        },
+    }
+    details = (await client.post("/generate", json=body)).json()["details"]
+    # The fake engine's log probabilities: -0.25 per generated token, -1.0 per prompt token.
+    assert [(t["id"], t["text"], t["logprob"], t["special"]) for t in details["tokens"]] == [
+        (97, "a", -0.25, False),
+        (98, "b", -0.25, False),
+        (2, "\x02", -0.25, True),  # the end token
+    ]
+    assert [(t["id"], t["logprob"]) for t in details["prefill"]] == [(1, None), (97, -1.0), (98, -1.0)]
+    assert [[t["id"] for t in top] for top in details["top_tokens"]] == [[97, 98], [98, 99], [2, 3]]
+    assert engine.requests[-1].sampling.logprobs == 2 and engine.requests[-1].sampling.prompt_logprobs == 0
+    plain = (await client.post("/generate", json={"inputs": "ab", "parameters": {"details": True}})).json()
+    assert plain["details"]["prefill"] == [] and plain["details"]["top_tokens"] is None
+    assert engine.requests[-1].sampling.prompt_logprobs is None
+    bare = await client.post("/generate", json={"inputs": "ab"})
+    assert "details" not in bare.json() and engine.requests[-1].sampling.logprobs is None
+
+
+async def test_stream_events_carry_each_tokens_logprob(client):
+    body = {"inputs": "ab", "parameters": {"max_new_tokens": 5, "top_n_tokens": 1}}
+    events = sse_data(await client.post("/generate_stream", json=body))
+    assert [e["token"]["logprob"] for e in events] == [-0.25, -0.25, -0.25]
+    assert [[t["id"] for t in e["top_tokens"]] for e in events] == [[97], [98], [2]]
+    assert "tokens" not in events[-1]["details"]
+
+
+async def test_the_root_route_is_tgis_compat_route(client):
+    body = {"inputs": "ab", "parameters": {"max_new_tokens": 5, "details": True}}
+    plain = await client.post("/", json=body)
+    assert plain.json()["generated_text"] == "ab" and plain.json()["details"]["generated_tokens"] == 3
+    events = sse_data(await client.post("/", json={**body, "stream": True}))
+    assert events[-1]["generated_text"] == "ab" and events[-1]["details"]["finish_reason"] == "eos_token"
+    assert (await client.get("/")).headers["content-type"].startswith("text/html")  # the web page
+
+
+async def test_the_root_route_needs_the_key_though_the_page_does_not():
+    async with app_client(FakeEngine(), ServerSettings(api_key="k")) as client:
+        assert (await client.get("/")).status_code == 200
+        assert_openai_error(await client.post("/", json={"inputs": "ab"}), 401)
+        ok = await client.post("/", json={"inputs": "ab"}, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200

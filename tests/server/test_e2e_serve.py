@@ -281,3 +281,26 @@ def _reference_logprobs(store: Path, patterns: Path, task: str, ids: list[int]) 
     with torch.inference_mode():
         logits = runtime.model(torch.tensor([ids])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_hugging_face_inference_client_through_tgis_routes(served, monkeypatch):
+    """huggingface_hub's InferenceClient posts to the server's URL itself (TGI's compat route),
+    streaming or not, and parses details with each token's log probability."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # Offline mode (when set) refuses every URL, this loopback one too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    url, _, _ = served
+    client = InferenceClient(model=url, token="k3y")
+    prompt = f"<user>{QUESTION}\n<assistant>"
+    whole = client.text_generation(prompt, max_new_tokens=8, details=True, decoder_input_details=True)
+    assert whole.details.generated_tokens == len(whole.details.tokens) > 0
+    assert all(t.logprob <= 0 for t in whole.details.tokens)
+    assert whole.details.prefill[0].logprob is None and len(whole.details.prefill) > 1
+    streamed = list(client.text_generation(prompt, max_new_tokens=8, details=True, stream=True))
+    assert streamed[-1].generated_text == whole.generated_text
+    assert [e.token.logprob for e in streamed] == pytest.approx(
+        [t.logprob for t in whole.details.tokens], abs=1e-5
+    )
+    assert client.text_generation(prompt, max_new_tokens=8) == whole.generated_text

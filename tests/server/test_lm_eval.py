@@ -7,7 +7,6 @@ under the pattern retrieval picks for that request; so do the metrics."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -38,9 +37,6 @@ GENERATE = [
     {"question": "What is 8 plus 15? Add the two numbers.", "answer": "23"},
 ]
 MAX_GEN_TOKS = 8
-# Nothing from the network: the tasks read local files, the tokenizer is the store's.
-for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(name, "1")
 
 
 def _task_files(root: Path) -> Path:
@@ -86,8 +82,13 @@ metric_list:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-eval")
-    with ServerProcess(tiny_serve_spec("lm-eval"), root / "taer.log") as server:
-        yield server.spec.base_url, _task_files(root)
+    # Nothing from the network: the tasks read local files, the tokenizer is the store's. (Set
+    # before lm-eval imports datasets, which reads it once.)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            patch.setenv(name, "1")
+        with ServerProcess(tiny_serve_spec("lm-eval"), root / "taer.log") as server:
+            yield server.spec.base_url, _task_files(root)
 
 
 @pytest.fixture(scope="module")
