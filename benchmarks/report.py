@@ -3,8 +3,9 @@
 DIR gets ``report.md`` (machine, date, every target met or missed, then each section), a JSON file
 per section and the PNG figures. Sections: expert-memory policies (part 1), taer serve vs a peer
 server (2), mixed traffic on one replica and on two Ray Serve replicas (2b), memory at keep 100/50/25%
-(3), fidelity and retrieval (4, their own benchmarks), and the expert store. A section that fails,
-or whose benchmark is not installed, is reported as such and the others still run.
+(3), fidelity and retrieval (4, their own benchmarks), the expert store (5), and what structured
+outputs and ``n`` samples cost (6). A section that fails, or whose benchmark is not installed, is
+reported as such and the others still run.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from expert_store.errors import TaerError
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("policies", "server", "cluster", "memory", "fidelity", "retrieval", "store")
+SECTIONS = ("policies", "server", "cluster", "memory", "fidelity", "retrieval", "store", "api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class ReportSizes:
         "--layers",
         "4",
     )
+    api_args: tuple[str, ...] = ()
 
 
 QUICK = ReportSizes(
@@ -94,6 +96,7 @@ QUICK = ReportSizes(
         "2",
     ),
     store_args=("--experts", "8", "--hidden", "64", "--intermediate", "32", "--layers", "2"),
+    api_args=("--quick",),
 )
 
 
@@ -242,6 +245,7 @@ TITLES = {
     "fidelity": "4a. Fidelity: pruned vs full accuracy",
     "retrieval": "4b. Retrieval: accuracy, latency, end to end",
     "store": "5. Expert store: load throughput, pattern switches (synthetic checkpoint)",
+    "api": "6. API features: constrained decoding per token, n samples vs n requests",
 }
 
 
@@ -266,6 +270,7 @@ def build_report(
         "fidelity": run.external("fidelity", sizes.fidelity_args),
         "retrieval": run.external("retrieval", sizes.retrieval_args),
         "store": run.store,
+        "api": run.external("api_features", sizes.api_args),
     }
     done = []
     for key in sections:
