@@ -313,9 +313,7 @@ class EngineCore:
             return next_token(logits, sampling, sequence.generated, sequence.generator)
         logits = logits.clone()
         try:
-            sequence.matcher.mask_logits(logits)
-            if bool(torch.isneginf(logits).all()):
-                raise RuntimeError("it allows no next token")
+            sequence.matcher.mask_logits(logits)  # RuntimeError if it allows no token
             token = next_token(logits, sampling, sequence.generated, sequence.generator)
             sequence.matcher.accept(token)
         except RuntimeError as error:

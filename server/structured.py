@@ -80,11 +80,15 @@ class Matcher:
         return _unpack(self._current_bitmask(), self.vocab_size)
 
     def mask_logits(self, logits: torch.Tensor) -> None:
-        """Set the logits of disallowed tokens to -inf, in place, on a [vocab_size] row on any device."""
+        """Set the logits of disallowed tokens to -inf, in place, on a [vocab_size] row on any device.
+        RuntimeError if no token is allowed."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits of shape {tuple(logits.shape)}; expected ({self.vocab_size},)")
-        # The packed mask is 32 times smaller than a bool one: move it, then unpack it there.
-        bitmask = self._current_bitmask().to(logits.device)
+        # The packed mask is 32 times smaller than a bool one: check it, move it, unpack it there.
+        bitmask = self._current_bitmask()
+        if not bool(bitmask.any()):
+            raise RuntimeError("the grammar allows no next token")
+        bitmask = bitmask.to(logits.device)
         logits.masked_fill_(~_unpack(bitmask, self.vocab_size), float("-inf"))
 
     def accept(self, token: int) -> None:
