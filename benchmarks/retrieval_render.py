@@ -56,7 +56,10 @@ def render_retrieval_markdown(report: dict) -> str:
     for split, part in report["end_to_end"].items():
         lines += _end_to_end_lines(split, part)
     lines += ["Embed + search latency:", ""]
-    lines += [render_latency_markdown(report["latency"]), "Targets:", ""]
+    lines += [render_latency_markdown(report["latency"])]
+    if "encoders" in report:
+        lines += [render_encoders_markdown(report["encoders"])]
+    lines += ["Targets:", ""]
     lines += [_target_line(t) for t in report["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -93,3 +96,79 @@ def _target_line(target: dict) -> str:
     else:
         shown = f"{measured:+.1f} points"
     return f"- {target['name']}: {shown}, {'met' if target['met'] else 'NOT met'}"
+
+
+def render_encoders_markdown(comparison: dict) -> str:
+    """The encoder comparison: accuracy and size, latency ranges over the rounds, and the choice."""
+    rows = comparison["encoders"]
+    machine = comparison.get("machine")
+    where = f"; times from this machine, {machine['cores']} CPU cores" if machine else ""
+    lines = [
+        f"Encoders side by side (index of each built from `{comparison['tasks_file']}`; torch threads "
+        f"{comparison['torch_threads']}; {comparison['out_of_domain']} unrelated questions{where}):",
+        "",
+        markdown_table(
+            [
+                "encoder",
+                "dim",
+                "dtype",
+                "weights MB",
+                "params M",
+                "held-out top-1",
+                "eval top-1",
+                "unrelated to general",
+                "held-out top-1, fitted min_similarity",
+            ],
+            [
+                [
+                    r["encoder"],
+                    r["dim"],
+                    r["dtype"],
+                    "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1e6:.0f}",
+                    "-" if r["parameters"] is None else f"{r['parameters'] / 1e6:.0f}",
+                    f"{100 * r['heldout']['accuracy']:.1f}% ({r['heldout']['fallbacks']} fallbacks)",
+                    f"{100 * r['eval']['accuracy']:.1f}%",
+                    f"{100 * r['ood_general']:.0f}%",
+                    f"{100 * r['fitted']['heldout']:.1f}% at {r['fitted']['min_similarity']:.2f} "
+                    f"({100 * r['fitted']['ood_general']:.0f}% unrelated)",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        f"Embed + search + vote per call (ms), the encoders taking turns call by call; ranges over "
+        f"{comparison['rounds']} rounds of {comparison['calls_per_round']} calls; a batch is that many "
+        f"concurrent requests embedded together; ratios to `{rows[0]['encoder']}` in the same round:",
+        "",
+        markdown_table(
+            ["encoder", "vectors", "batch", "p50", "p99", "p50 per request", f"p50 vs {rows[0]['encoder']}"],
+            [
+                [
+                    r["encoder"],
+                    f"{t['size']:,}",
+                    t["batch"],
+                    _span(t["p50_ms"]),
+                    _span(t["p99_ms"]),
+                    _span([v / t["batch"] for v in t["p50_ms"]]),
+                    _span(t["p50_vs_first"], "x"),
+                ]
+                for t_index in range(len(rows[0]["latency"]))
+                for r in rows
+                for t in [r["latency"][t_index]]
+            ],
+        ),
+        "",
+    ]
+    target, choice = comparison["target"], comparison["choice"]
+    lines.append(
+        f"Within the budget (single-request p99 <= {target['p99_ms']:.0f} ms at {target['size']:,} vectors in "
+        f"every round): {', '.join(choice['within_budget']) or 'none'}; of those, >= {target['ood_general']:.0%} "
+        f"of unrelated questions to general: {', '.join(choice['eligible']) or 'none'}. "
+        f"Choice by this run: {choice['encoder'] or 'none (keep the default)'}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _span(values: list[float], unit: str = "") -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}{unit}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}{unit}"
