@@ -80,6 +80,10 @@ class EncoderError(TaerError):
     """The sentence encoder cannot be loaded."""
 
 
+class DiscoveryError(TaerError):
+    """A request log that `taer discover` cannot read, or prompts it cannot cluster."""
+
+
 # Serving ---------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ SUBCOMMANDS = (
     "verify",
     "demo",
     "eval",
+    "discover",
     "calibrate",
     "index",
     "serve",
