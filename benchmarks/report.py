@@ -4,8 +4,8 @@ DIR gets ``report.md`` (machine, date, every target met or missed, then each sec
 per section and the PNG figures. Sections: expert-memory policies (part 1), taer serve vs a peer
 server (2), mixed traffic on one replica and on two Ray Serve replicas (2b), memory at keep 100/50/25%
 (3), fidelity and retrieval (4, their own benchmarks), the expert store (5), and what structured
-outputs and ``n`` samples cost (6). A section that fails, or whose benchmark is not installed, is
-reported as such and the others still run.
+outputs and ``n`` samples cost (6), and the tasks discovered in the demo's unlabelled prompts (7). A
+section that fails, or whose benchmark is not installed, is reported as such and the others still run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from expert_store.errors import TaerError
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("policies", "server", "cluster", "memory", "fidelity", "retrieval", "store", "api")
+SECTIONS = ("policies", "server", "cluster", "memory", "fidelity", "retrieval", "store", "api", "discover")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +65,7 @@ class ReportSizes:
         "4",
     )
     api_args: tuple[str, ...] = ()
+    discover_args: tuple[str, ...] = ()
 
 
 QUICK = ReportSizes(
@@ -97,6 +98,7 @@ QUICK = ReportSizes(
     ),
     store_args=("--experts", "8", "--hidden", "64", "--intermediate", "32", "--layers", "2"),
     api_args=("--quick",),
+    discover_args=("--splits", "calibration", "--seeds", "0", "--keeps", "0.5", "--limit", "2"),
 )
 
 
@@ -246,6 +248,7 @@ TITLES = {
     "retrieval": "4b. Retrieval: accuracy, latency, end to end",
     "store": "5. Expert store: load throughput, pattern switches (synthetic checkpoint)",
     "api": "6. API features: constrained decoding per token, n samples vs n requests",
+    "discover": "7. Task discovery: clusters of the demo's unlabelled prompts vs its tasks, and their patterns",
 }
 
 
@@ -271,6 +274,7 @@ def build_report(
         "retrieval": run.external("retrieval", sizes.retrieval_args),
         "store": run.store,
         "api": run.external("api_features", sizes.api_args),
+        "discover": run.external("discover", sizes.discover_args),
     }
     done = []
     for key in sections:

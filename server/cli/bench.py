@@ -17,6 +17,7 @@ BENCHMARKS = {
     "cluster": ("benchmarks.cluster", "mixed traffic: fifo vs switch-aware scheduling (and replicas)"),
     "fuzz": ("benchmarks.fuzz", "schema-driven fuzzing of a real taer serve: no 5xx, OpenAI-shaped 4xx"),
     "soak": ("benchmarks.soak", "32 clients, 2,000 requests: same answers as alone, none lost, flat memory"),
+    "discover": ("benchmarks.discover", "tasks discovered in the demo's unlabelled prompts vs the true ones"),
     "api": ("benchmarks.api_features", "structured outputs' cost per token, and n samples vs n requests"),
     "fallback": ("benchmarks.fallback", "what each --fallback costs: accuracy and expert bytes loaded"),
     "all": ("benchmarks.report", "every benchmark in one run, with a report.md"),
