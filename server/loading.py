@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from expert_store.errors import BudgetError
+from expert_store.errors import BudgetError, TaerError
 from expert_store.modes import MODES, Fallback, Mode
 from expert_store.runtime import (
     RuntimeConfig,
@@ -216,4 +216,19 @@ def _load_index(config: ServeConfig):
     from retrieval.encoder import Encoder
     from retrieval.index import TaskIndex
 
-    return TaskIndex.load(directory, Encoder.load(config.encoder, dtype=config.encoder_dtype))
+    spec = config.encoder if config.encoder is not None else index_encoder(directory)
+    return TaskIndex.load(directory, Encoder.load(spec, dtype=config.encoder_dtype))
+
+
+def index_encoder(directory: Path) -> str | None:
+    """The encoder an index records, when taer knows it by name (``None``: the default, or a model
+    directory the user must pass again with ``--encoder``; the index refuses a mismatch either way)."""
+    from retrieval.encoder import EncoderFingerprint
+    from retrieval.encoder_sources import named_encoders
+    from retrieval.index_io import read_metadata
+
+    try:
+        built_with = EncoderFingerprint.parse(read_metadata(directory)["encoder"]).name
+    except (TaerError, KeyError, TypeError, ValueError):
+        return None  # TaskIndex.load says what is wrong with it
+    return next((named.name for named in named_encoders() if named.name == built_with), None)
