@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from labelled_pipeline import build_labelled_pipeline
 
 from benchmarks.fidelity import SCORERS, fidelity_targets
@@ -15,14 +14,6 @@ from server.cli import main
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     return build_labelled_pipeline(tmp_path_factory.mktemp("demo_benches"))
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    # The benchmarks set torch's thread count (process-wide); later tests get theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(pipeline) -> list[str]:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from labelled_pipeline import build_labelled_pipeline
 
 from server.cli import main
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    # The benchmark sets torch's thread count (process-wide); later tests get theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_discover_finds_the_tiny_suites_tasks(tmp_path, capsys):

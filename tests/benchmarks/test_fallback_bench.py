@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 from labelled_pipeline import build_labelled_pipeline
 
 from server.cli import main
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_each_fallback_serves_the_same_traffic(tmp_path, capsys):
