@@ -71,7 +71,8 @@ class EngineCore:
         self._cancelled: set[str] = set()  # of those, the ones aborted before they arrived
         self._arrivals = 0  # requests added to the scheduler's queue so far
         self._nothing_joins: tuple | None = None  # what the last join attempt that found none saw
-        self._grammars: GrammarCompiler | None = None
+        self._grammars: GrammarCompiler | str | None = None
+        self._grammars_lock = threading.Lock()
 
     # Called from other threads -------------------------------------------------------------------
 
@@ -245,25 +246,30 @@ class EngineCore:
 
     def check_constraint(self, constraint: OutputConstraint) -> None:
         """Compile ``constraint`` now (any thread): RequestError if it cannot be used."""
-        try:
-            grammars = self.grammars
-        except (ValueError, TypeError) as error:  # the grammar engine cannot read this tokenizer
-            raise RequestError(
-                f"structured outputs are not available for this model's tokenizer ({error})",
-                param=constraint.param,
-            ) from None
+        grammars = self.grammars
+        if isinstance(grammars, str):
+            raise RequestError(grammars, param=constraint.param)
         grammars.check(constraint)
 
     @property
-    def grammars(self) -> GrammarCompiler:
-        """Output constraints compiled for this model's tokenizer (made on first use)."""
-        if self._grammars is None:
-            from server.structured import GrammarCompiler  # the grammar engine loads on first use
+    def grammars(self) -> GrammarCompiler | str:
+        """Output constraints compiled for this model's tokenizer. Made once, on first use (seconds
+        for a large vocabulary), under a lock; a tokenizer the grammar engine cannot read is
+        remembered as the reason (a string), which :meth:`check_constraint` answers every request
+        asking for a constraint with (a 400)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from server.structured import GrammarCompiler  # the grammar engine loads on first use
 
-            vocab_size = self.parts.runtime.model.get_output_embeddings().weight.shape[0]
-            self._grammars = GrammarCompiler(
-                self.parts.tokenizer, vocab_size, eos_token_ids=sorted(self.parts.eos_token_ids)
-            )
+                vocab_size = self.parts.runtime.model.get_output_embeddings().weight.shape[0]
+                try:
+                    self._grammars = GrammarCompiler(
+                        self.parts.tokenizer, vocab_size, eos_token_ids=sorted(self.parts.eos_token_ids)
+                    )
+                except (ValueError, TypeError) as error:
+                    self._grammars = (
+                        f"structured outputs are not available for this model's tokenizer ({error})"
+                    )
         return self._grammars
 
     def _decode(self, batch: list[Sequence], runner: BatchRunner) -> list[Sequence]:

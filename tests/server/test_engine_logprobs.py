@@ -10,6 +10,7 @@ import torch
 from engine_helpers import chat_ids, started_engine
 from pipeline import build_pipeline
 
+from expert_store.errors import RequestError
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.selection import Budget
@@ -127,3 +128,36 @@ async def test_n_samples_share_one_prefill_and_are_reproducible_with_a_seed(pipe
     assert sorted(o.index for o in finished) == [0, 1, 2] and first[-1].finished
     assert all(o.completion_tokens == 8 for o in finished)
     assert sum(1 for o in first if o.routing is not None) == 3  # each sample's first output
+
+
+@pytest.mark.anyio
+async def test_a_tokenizer_the_grammar_engine_cannot_read_is_a_400_each_time_tried_once(
+    pipeline, monkeypatch
+):
+    import server.structured
+
+    tried = []
+
+    def unreadable(*args, **kwargs):
+        tried.append(args)
+        raise ValueError("can't determine decoder type")
+
+    monkeypatch.setattr(server.structured, "GrammarCompiler", unreadable)
+    store, patterns = pipeline
+    engine = await started_engine(ServeConfig(store, patterns, keep=0.5))
+    try:
+        ids = chat_ids(engine.tokenizer, QUESTION)
+        for param in ("response_format", "parameters.grammar"):
+            constraint = server.structured.OutputConstraint("json_object", param=param)
+            request = GenerationRequest(
+                param, ids, QUESTION, SamplingParams(max_tokens=4, constraint=constraint)
+            )
+            with pytest.raises(RequestError, match="not available for this model's tokenizer") as caught:
+                await _outputs(engine, request)
+            assert caught.value.param == param
+        plain = await _outputs(
+            engine, GenerationRequest("plain", ids, QUESTION, SamplingParams(max_tokens=2))
+        )
+    finally:
+        await engine.shutdown()
+    assert len(tried) == 1 and plain[-1].finished
