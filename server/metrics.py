@@ -8,6 +8,8 @@ the engine's interface; the prometheus objects behind them are private.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,50 +28,48 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+class MetricFactory:
+    """Declares metrics on one registry, each named ``taer_<name>`` (a counter's samples get
+    prometheus-client's ``_total``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", documentation, buckets=buckets, registry=self.registry)
+
+
 class ServerMetrics:
     """What the HTTP layer measures: requests, tokens and latencies as clients see them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests by endpoint and status code.",
-            ["endpoint", "status"],
-            registry=registry,
+        metric = MetricFactory(registry)
+        self._requests = metric.counter(
+            "http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"]
         )
-        self._in_flight = Gauge(
-            f"{PREFIX}_generation_requests_in_flight",
+        self._in_flight = metric.gauge(
+            "generation_requests_in_flight",
             "Generation requests admitted by the HTTP layer and not yet finished.",
-            registry=registry,
         )
-        self._prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of admitted requests.", registry=registry
+        self._prompt_tokens = metric.counter("prompt_tokens", "Prompt tokens of admitted requests.")
+        self._generation_tokens = metric.counter("generation_tokens", "Generated tokens.")
+        self._ttft = metric.histogram(
+            "time_to_first_token_seconds", "From arrival to the first generated token.", TTFT_BUCKETS
         )
-        self._generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "Generated tokens.", registry=registry
+        self._itl = metric.histogram(
+            "inter_token_latency_seconds", "Time between consecutive generated tokens.", ITL_BUCKETS
         )
-        self._ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "From arrival to the first generated token.",
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+        self._e2e = metric.histogram(
+            "e2e_request_latency_seconds", "From arrival to the end of the generation.", E2E_BUCKETS
         )
-        self._itl = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds",
-            "Time between consecutive generated tokens.",
-            buckets=ITL_BUCKETS,
-            registry=registry,
-        )
-        self._e2e = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds",
-            "From arrival to the end of the generation.",
-            buckets=E2E_BUCKETS,
-            registry=registry,
-        )
-        self._routed = Counter(
-            f"{PREFIX}_routed_requests",
-            "Generation requests by the task and mode that served them.",
-            ["task", "mode"],
-            registry=registry,
+        self._routed = metric.counter(
+            "routed_requests", "Generation requests by the task and mode that served them.", ["task", "mode"]
         )
 
     def record_request(self, endpoint: str, status: int) -> None:
@@ -102,52 +102,35 @@ class EngineMetrics:
     these directly."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._queue_length = Gauge(
-            f"{PREFIX}_queue_length", "Requests waiting in the engine's queue.", registry=registry
+        metric = MetricFactory(registry)
+        self._queue_length = metric.gauge("queue_length", "Requests waiting in the engine's queue.")
+        self._running = metric.gauge("requests_running", "Requests the engine is generating for now.")
+        self._retrieval = metric.histogram(
+            "retrieval_latency_seconds", "Embedding a query and choosing its task.", RETRIEVAL_BUCKETS
         )
-        self._running = Gauge(
-            f"{PREFIX}_requests_running", "Requests the engine is generating for now.", registry=registry
+        self._loads = metric.counter("expert_loads", "Experts copied from the store to the device.")
+        self._load_bytes = metric.counter(
+            "expert_load_bytes", "Bytes of expert weights copied to the device."
         )
-        self._retrieval = Histogram(
-            f"{PREFIX}_retrieval_latency_seconds",
-            "Embedding a query and choosing its task.",
-            buckets=RETRIEVAL_BUCKETS,
-            registry=registry,
-        )
-        self._loads = Counter(
-            f"{PREFIX}_expert_loads", "Experts copied from the store to the device.", registry=registry
-        )
-        self._load_bytes = Counter(
-            f"{PREFIX}_expert_load_bytes", "Bytes of expert weights copied to the device.", registry=registry
-        )
-        self._hits = Counter(
-            f"{PREFIX}_expert_hits", "Needed experts that were already resident.", registry=registry
-        )
-        self._misses = Counter(
-            f"{PREFIX}_expert_misses", "Needed experts that were not resident.", registry=registry
-        )
-        self._switches = Counter(
-            f"{PREFIX}_pattern_switches",
+        self._hits = metric.counter("expert_hits", "Needed experts that were already resident.")
+        self._misses = metric.counter("expert_misses", "Needed experts that were not resident.")
+        self._switches = metric.counter(
+            "pattern_switches",
             "Activations of a pattern other than the active one, by the pattern switched to.",
             ["task"],
-            registry=registry,
         )
-        self._joined = Counter(
-            f"{PREFIX}_requests_joined",
+        self._joined = metric.counter(
+            "requests_joined",
             "Requests that joined a running batch (continuous batching) instead of starting one.",
-            registry=registry,
         )
-        self._resident_bytes = Gauge(
-            f"{PREFIX}_resident_expert_bytes",
-            "Bytes of expert weights resident on the device.",
-            registry=registry,
+        self._resident_bytes = metric.gauge(
+            "resident_expert_bytes", "Bytes of expert weights resident on the device."
         )
-        self._capacity_bytes = Gauge(
-            f"{PREFIX}_expert_capacity_bytes",
+        self._capacity_bytes = metric.gauge(
+            "expert_capacity_bytes",
             "Bytes of the device's expert slots, by how they hold experts (an 8-bit scheme such as "
             "int8-channel, with its scales, or a dtype such as bfloat16).",
             ["dtype"],
-            registry=registry,
         )
 
     def set_queue_length(self, count: int) -> None:

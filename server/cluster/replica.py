@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
 
 from retrieval.service import Route
@@ -31,7 +31,7 @@ from server.cluster.state import REPORT_PERIOD_S, ReplicaReport, cluster_state
 from server.engine import TaerEngine
 from server.engine_api import GenerationOutput, GenerationRequest
 from server.loading import ServeConfig, load_engine_parts
-from server.metrics import PREFIX, EngineMetrics
+from server.metrics import EngineMetrics, MetricFactory
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,8 @@ def model_deployment(options: ReplicaOptions):
             self._replica = serve.get_replica_context().replica_id.unique_id
             registry = CollectorRegistry()
             self._registry = registry
-            self._served = Counter(
-                f"{PREFIX}_replica_requests",
-                "Requests this replica served, by task.",
-                ["task"],
-                registry=registry,
+            self._served = MetricFactory(registry).counter(
+                "replica_requests", "Requests this replica served, by task.", ["task"]
             )
             self._engine = TaerEngine(
                 partial(load_engine_parts, config, with_index=False),
