@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
@@ -63,12 +63,23 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
+
+
+class OpenAIBody(BaseModel, Generic[ChoiceT]):
+    """The envelope the OpenAI completion bodies share; each subclass fixes ``object`` to its own
+    literal, and adds its fields after ``usage``."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
-    choices: list[ChatChoice]
+    choices: list[ChoiceT]
+    usage: Usage | None = None
+
+
+class ChatCompletionResponse(OpenAIBody[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
     usage: Usage
     system_fingerprint: str | None = None
     taer: RoutingInfo | None = None  # what served the request
@@ -81,13 +92,8 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(OpenAIBody[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
     taer: RoutingInfo | None = None  # what served the request
 
 
@@ -98,15 +104,10 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(OpenAIBody[CompletionChoice]):
     """A whole completion, and (with ``finish_reason`` possibly null) one streamed chunk."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
     taer: RoutingInfo | None = None  # what served the request
 
 
