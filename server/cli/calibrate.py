@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from server.cli.arguments import ENCODERS, add_encoder_argument, dataclass_from_args
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="measure which experts each task needs (TCESS patterns)")
@@ -41,13 +43,7 @@ def register(subparsers) -> None:
         default=10.0,
         help="an expert whose largest output exceeds this multiple of its layer's median is a super expert",
     )
-    parser.add_argument(
-        "--encoder",
-        type=Path,
-        default=None,
-        metavar="NAME_OR_DIR",
-        help="the index's encoder: minilm (default), mpnet, or a sentence-transformers model directory",
-    )
+    add_encoder_argument(parser, f"the index's encoder: {ENCODERS}")
     parser.add_argument("--no-index", action="store_true", help="write patterns only, no retrieval index")
     parser.set_defaults(func=run)
 
@@ -55,17 +51,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from retrieval.calibrate import CalibrationOptions, calibrate
 
-    options = CalibrationOptions(
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        stream_layers=args.stream_layers,
-        device=args.device,
-        dtype=args.dtype,
-        ka=args.ka,
-        threshold=args.threshold,
-        super_factor=args.super_factor,
-        keep_experts=args.keep_experts,
-    )
+    options = dataclass_from_args(CalibrationOptions, args)
     patterns = calibrate(args.store_dir, args.tasks_file, args.out, options)
     print(f"{args.out}: patterns for {', '.join(patterns.tasks)} (+ general)")
     if not args.no_index:

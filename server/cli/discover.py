@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from retrieval.discover import DEFAULT_OPTIONS, DiscoveryOptions
+from server.cli.arguments import ENCODERS, add_encoder_argument
 
 
 def register(subparsers) -> None:
@@ -36,13 +37,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--held-out", type=float, default=0.2, help="share of each task held out (0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the held-out split and any sampling")
-    parser.add_argument(
-        "--encoder",
-        type=Path,
-        default=None,
-        metavar="NAME_OR_DIR",
-        help="minilm (default), mpnet, or a sentence-transformers model directory: use the index's encoder",
-    )
+    add_encoder_argument(parser, f"{ENCODERS}: use the index's encoder")
     parser.add_argument("--examples", type=int, default=3, help="central prompts shown per task")
     parser.set_defaults(func=run)
 
