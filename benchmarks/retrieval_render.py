@@ -53,6 +53,8 @@ def render_retrieval_markdown(report: dict) -> str:
         ),
         "",
     ]
+    if report.get("router_check"):
+        lines += _router_check_lines(report["router_check"])
     for split, part in report["end_to_end"].items():
         lines += _end_to_end_lines(split, part)
     lines += ["Embed + search latency:", ""]
@@ -72,24 +74,75 @@ def _end_to_end_lines(split: str, part: dict) -> list[str]:
         "for it, against each task's own pattern (oracle); in brackets, points from the oracle:",
         "",
     ]
+    served = [*MATCHERS, *(["semantic_checked"] if "semantic_checked" in part["rows"][0] else [])]
     rows = [
         [
             f"{row['keep']:.0%}",
             f"{100 * row['oracle']['mean']:.1f}",
-            *(f"{100 * row[m]['mean']:.1f} ({row[f'{m}_minus_oracle_points']:+.1f})" for m in MATCHERS),
+            *(f"{100 * row[m]['mean']:.1f} ({row[f'{m}_minus_oracle_points']:+.1f})" for m in served),
             *(f"{100 * row[m]['retrieval_accuracy']:.1f}" for m in MATCHERS),
         ]
         for row in part["rows"]
     ]
-    headers = ["keep", "oracle", *MATCHERS, *(f"{m} top-1" for m in MATCHERS)]
+    headers = ["keep", "oracle", *served, *(f"{m} top-1" for m in MATCHERS)]
     return [*lines, markdown_table(headers, rows), ""]
+
+
+def _router_check_lines(part: dict) -> list[str]:
+    """Per keep and split: top-1 before and after the router check, what it caught and moved."""
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    rows = []
+    for row in part["rows"]:
+        for split, effect in row["splits"].items():
+            rows.append(
+                [
+                    f"{row['keep']:.0%}",
+                    split,
+                    pct(effect["top1_before"]),
+                    pct(effect["top1_after"]),
+                    pct(effect["exact_after"]),
+                    f"{pct(effect['caught'])} of {effect['wrong_retrievals']}",
+                    f"{pct(effect['wrongly_moved'])} of {effect['right_retrievals']}",
+                    pct(effect["router_alone_top1"]),
+                ]
+            )
+    lines = [
+        "Router check after the semantic pick (each prompt prefilled with its pick's pattern; re-routed "
+        "when another task's calibration prompts fit its own router choices better by more than the "
+        "margin): "
+        "top-1 (%) before and after (exact: sent to exact mode, neither right nor wrong), wrong "
+        "retrievals caught (%), right ones wrongly moved (%), and the router alone as a matcher:",
+        "",
+        markdown_table(
+            ["keep", "split", "top-1 before", "after", "exact", "caught", "wrongly moved", "router alone"],
+            rows,
+        ),
+        "",
+    ]
+    for row in part["rows"]:
+        ood, latency = row["out_of_domain"], row["latency"]
+        state = "on" if row["on_when_serving"] else "OFF when serving (measured as if on)"
+        lines.append(
+            f"- keep {row['keep']:.0%}: check {state}; validated on the {row['validated_on']}: the router "
+            f"alone right for {pct(row['router_accuracy'])}%, {pct(row['validation_wrongly_rerouted'])}% "
+            f"re-routed away from their own task; margin {row['margin']:.3f}; out-of-domain to the fallback "
+            f"{pct(ood['fallback_before'])}% before, {pct(ood['fallback_or_exact_after'])}% to the fallback "
+            f"or exact mode after (n={ood['n']}); added per request {latency.get('added_ms', 0):.2f} ms "
+            f"(counting {latency.get('counting_ms', 0):.2f}, decision {latency.get('decide_ms', 0):.3f}) "
+            f"against a prefill of {latency.get('prefill_ms', 0):.1f} ms: "
+            f"{pct(latency.get('added_share'))}% (n={latency['n']}, medians, one prompt at a time)"
+        )
+    return [*lines, ""]
 
 
 def _target_line(target: dict) -> str:
     if target["met"] is None:
         return f"- {target['name']}: not measured"
     measured = target["measured"]
-    if "top-1" in target["name"]:
+    if "top-1" in target["name"] or "prefill" in target["name"]:
         shown = f"{100 * measured:.1f}%"
     elif "ms" in target["name"]:
         shown = f"{measured:.2f} ms"

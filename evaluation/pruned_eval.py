@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 
 Scorer = Literal["tcess", "frequency", "mean_prob", "general"]
 SCORERS: tuple[str, ...] = ("tcess", "frequency", "mean_prob", "general")
-# Query texts in, one task name per text out (``general`` when retrieval falls back).
+# Query texts in, one task name per text out (``general`` when retrieval falls back, ``EXACT`` for a
+# prompt the router check sends to exact mode).
 Retrieve = Callable[[Sequence[str]], list[str]]
+EXACT = "(exact)"  # not a task name: the prompt is served with the model's own routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +195,12 @@ class SelectionEvaluator:
             groups: dict[str, list[int]] = {}
             for i in range(len(self.examples[name])):
                 groups.setdefault(next(picked), []).append(i)
-            self._check_patterns(list(groups), policy)
+            self._check_patterns([task for task in groups if task != EXACT], policy)
             total = 0
             for task, indices in groups.items():
+                if task == EXACT:  # every expert resident here: exact mode is the full model
+                    total += self._score(name, indices, None, "full").correct
+                    continue
                 selection = selection_for(self.patterns, policy, task)
                 total += self._score(name, indices, selection, policy.mode).correct
             scores[name] = TaskScore(name, total, len(self.examples[name]))

@@ -11,13 +11,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from expert_store.errors import RequestError, UnknownTaskError
 from expert_store.modes import FALLBACKS, Fallback, Mode
 from retrieval.index import TaskIndex
 from retrieval.patterns import PatternSet
+from retrieval.router_check import MAX_WRONGLY_REROUTED, RouterCheck, RouterProfile, Verdict
 from retrieval.selection import Budget, Selection, merge, select
 from retrieval.tasks_file import GENERAL
 from retrieval.vote import RetrievalResult
@@ -29,7 +30,8 @@ LayerSelection = dict[int, tuple[int, ...]]  # decoder layer -> expert ids, best
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """How one request is served. ``selection`` is None in full mode."""
+    """How one request is served. ``selection`` is None in full mode. ``check`` is the router
+    check's verdict once the prefill ran it (``task`` and ``mode`` then follow the verdict)."""
 
     task: str | None
     mode: Mode
@@ -37,6 +39,7 @@ class Route:
     similarity: float | None = None
     confidence: float | None = None
     retrieval_seconds: float = 0.0
+    check: Verdict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class PatternRouter:
         self.fallback = fallback
         self.moe_layers: list[int] = list(patterns.metadata.get("moe_layers", []))
         self._selection = lru_cache(maxsize=256)(self._select)
+        self.check: RouterCheck | None = None
         # One query at a time: a fast tokenizer called from two threads at once can fail ("Already
         # borrowed"), and a dry run (server/introspection.py) may query beside the retrieval thread.
         self._query_lock = threading.Lock()
@@ -131,6 +135,52 @@ class PatternRouter:
             key = f"{result.task}+{result.runner_up}"
         route = Route(result.task, mode, self.selection(key), result.similarity, result.confidence, seconds)
         return RouteExplanation(route, result)
+
+    def enable_check(self, profile: RouterProfile) -> RouterCheck:
+        """Turn the router check on, fitted on ``profile`` with this budget's retained sets; it stays
+        off (``self.check`` None) where validation shows that the model's routing does not tell the
+        tasks apart. Returns the fitted check either way."""
+        selections = {task: self.selection(task) for task in self.patterns.tasks}
+        check = RouterCheck.calibrated(profile, selections, self.moe_layers)
+        thresholds = check.thresholds
+        found = (
+            f"on the {thresholds.validated_on} the prompt's own routing names the right task for "
+            f"{100 * thresholds.router_accuracy:.1f}% and the check would re-route "
+            f"{100 * thresholds.wrongly_rerouted:.1f}% of right retrievals"
+        )
+        if not thresholds.separates:
+            logger.warning("router check off: %s (it acts up to %.0f%%)", found, 100 * MAX_WRONGLY_REROUTED)
+            self.check = None
+            return check
+        self.check = check
+        logger.info(
+            "router check on (%s): re-route when another task fits the prompt's own routing better "
+            "by more than %.3f",
+            found,
+            thresholds.margin,
+        )
+        return check
+
+    def checks(self, route: Route) -> bool:
+        """Whether the router check looks at ``route``: a retrieved task's pattern in pruned mode,
+        not yet checked (a task the client forced, the full model and the fallback are not)."""
+        return (
+            self.check is not None
+            and route.check is None
+            and route.mode == "pruned"
+            and route.similarity is not None
+            and route.task in self.check.tasks
+        )
+
+    def follow(self, route: Route, verdict: Verdict) -> Route:
+        """``route`` after the router check: the same route if kept; else the checked task's
+        pattern, in pruned mode or (no pattern covers the prompt well) as exact mode's prefetch hint."""
+        if verdict.action == "kept":
+            return replace(route, check=verdict)
+        mode: Mode = "pruned" if verdict.action == "rerouted" else "exact"
+        return replace(
+            route, task=verdict.checked, mode=mode, selection=self.selection(verdict.checked), check=verdict
+        )
 
     def selection(self, task: str) -> LayerSelection:
         """The retained experts of ``task`` ("a+b" merges two tasks' TCESS) in decoder-layer terms."""

@@ -191,6 +191,26 @@ def _optional_file(value: Any, yaml_path: Path, where: str) -> Path | None:
     return resolved
 
 
+def load_labelled_queries(path: Path) -> tuple[CalibrationPrompt, ...]:
+    """The queries of a task's ``eval`` or ``heldout`` JSONL file (``{"messages"|"prompt", "answer"}``
+    a line; the answer is not read here); errors name the file and line."""
+    if not path.is_file():
+        raise TasksFileError(f"labelled prompts file {path} not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TasksFileError(f"{where}: malformed JSON: {error.msg}") from None
+            if not isinstance(record, dict):
+                raise TasksFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            query = {key: record[key] for key in ("prompt", "messages") if key in record}
+            prompts.append(_parse_line(json.dumps(query), where))
+    return tuple(prompts)
+
+
 def _parse_line(line: str, where: str) -> CalibrationPrompt:
     try:
         record = json.loads(line)

@@ -194,6 +194,13 @@ class RoutingInfo:
     ``None`` when no retrieval ran (task forced, or mode ``full``). ``experts_loaded`` counts the
     experts copied to the device for this request; ``experts_reused`` those already resident.
     ``replica`` is the model replica that served it (a cluster's; ``None`` in one process).
+
+    The router check's findings, ``None`` when it did not run (a task the client forced, the full
+    model, the fallback, or the check turned off): ``retrieved_task`` is the task retrieval chose,
+    ``checked_task`` the task whose calibration prompts the prompt's own routing fits best, ``rerouted``
+    whether the request left the retrieved pattern for the checked task's (``mode`` ``pruned``) or
+    for exact mode, and ``coverage`` the share of the prompt's own router choices inside the
+    retained set of the pattern that served it.
     """
 
     task: str | None
@@ -203,6 +210,10 @@ class RoutingInfo:
     experts_loaded: int = 0
     experts_reused: int = 0
     replica: str | None = None
+    retrieved_task: str | None = None
+    checked_task: str | None = None
+    rerouted: bool | None = None
+    coverage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

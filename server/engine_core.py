@@ -6,7 +6,10 @@ The model runs on one thread; the async facade (``server/engine.py``) hands requ
 (``server/retrieval_thread.py``), so a request reaches the engine thread with its route. There a
 request's life is visible in ``step``: start a batch (prefetch its experts, prefill) or let waiting
 requests join the running one (prefill them, merge their rows), then decode one token for every
-live sequence. A request of ``n`` samples is ``n`` sequences sharing one prefill.
+live sequence. A request of ``n`` samples is ``n`` sequences sharing one prefill. After a prefill,
+the router check (``retrieval/router_check.py``) compares each retrieved pattern with the prompt's
+own routing; a request it re-routes leaves the batch before its first token and waits, first in
+line, for a prefill with its new pattern.
 """
 
 from __future__ import annotations
@@ -218,8 +221,9 @@ class EngineCore:
         # Prefetch the union with the running rows: the joiners' loads may then evict only experts
         # that no row of the batch is restricted to.
         report = runtime.cache.prefetch(_union([*running, *batch], runtime.num_slots))
-        for sequence in batch:
-            sequence.experts_loaded, sequence.experts_reused = report.loaded, report.reused
+        for sequence in batch:  # a re-routed request counts both prefetches
+            sequence.experts_loaded += report.loaded
+            sequence.experts_reused += report.reused
             sequence.generator = make_generator(sequence.request.sampling, sequence.index)
             constraint = sequence.request.sampling.constraint
             if constraint is not None:
@@ -242,6 +246,7 @@ class EngineCore:
             score_prompts=[
                 row for row, s in enumerate(prompted) if s.request.sampling.prompt_logprobs is not None
             ],
+            check_prompts=[row for row, s in enumerate(prompted) if self.parts.router.checks(s.route)],
         )
 
     def check_constraint(self, constraint: OutputConstraint) -> None:
@@ -282,11 +287,15 @@ class EngineCore:
         if delta.loads:
             self.metrics.record_expert_loads(delta.loads, delta.bytes_loaded)
         self.metrics.set_resident_expert_bytes(self.parts.runtime.cache.resident_bytes)
+        rerouted = self._check_routes(batch, runner) if runner.router_choices else set()
         if runner.prompt_hidden:
             _score_prompts(batch, runner)
         tokens = []
         for row, sequence in enumerate(batch):
             sampling = sequence.request.sampling
+            if row in rerouted:  # no token: it waits for a prefill with its new pattern
+                tokens.append(0)
+                continue
             if sampling.max_tokens == 0:  # scoring the prompt only
                 tokens.append(0)
                 if not sequence.finished:
@@ -304,11 +313,31 @@ class EngineCore:
                 if sampling.logprobs is not None:
                     logprob = score_token(logits[row], token, sampling.logprobs)
                 self._push(sequence, token, logprob)
-        live = [row for row, sequence in enumerate(batch) if not sequence.finished]
+        live = [row for row, sequence in enumerate(batch) if not sequence.finished and row not in rerouted]
         if live:
             runner.keep(live)
             runner.append([tokens[row] for row in live])
         return [batch[row] for row in live]
+
+    def _check_routes(self, batch: list[Sequence], runner: BatchRunner) -> set[int]:
+        """The router check on the prompts just prefilled: each checked sequence's route follows the
+        verdict; the rows re-routed (to another task or to exact mode) go back to the front of the
+        queue. Returns those rows."""
+        router, verdicts, rerouted = self.parts.router, {}, set()
+        choices, runner.router_choices = runner.router_choices, {}  # the prefill's, looked at once
+        for row, (sequence, prompt) in enumerate(zip(batch, runner.prompt_rows, strict=True)):
+            if prompt not in choices or sequence.finished:
+                continue
+            if prompt not in verdicts:  # once for the samples of one request
+                verdicts[prompt] = router.check.decide(sequence.route.task, choices[prompt])
+                self.metrics.record_router_check(verdicts[prompt].action)
+            sequence.route = router.follow(sequence.route, verdicts[prompt])
+            if verdicts[prompt].action != "kept":
+                rerouted.add(row)
+        if rerouted:
+            self.scheduler.waiting.extendleft(reversed([batch[row] for row in sorted(rerouted)]))
+            self._arrivals += 1
+        return rerouted
 
     @staticmethod
     def _sample(sequence: Sequence, logits: torch.Tensor) -> int:
@@ -371,6 +400,7 @@ class EngineCore:
         if not sequence.routing_sent:
             prompt_logprobs, sequence.prompt_logprobs = sequence.prompt_logprobs, None
             route = sequence.route
+            check = route.check if route else None
             routing = RoutingInfo(
                 task=route.task if route else None,
                 mode=route.mode if route else "full",
@@ -378,6 +408,10 @@ class EngineCore:
                 confidence=route.confidence if route else None,
                 experts_loaded=sequence.experts_loaded,
                 experts_reused=sequence.experts_reused,
+                retrieved_task=check.retrieved if check else None,
+                checked_task=check.checked if check else None,
+                rerouted=check.action != "kept" if check else None,
+                coverage=check.served_coverage if check else None,
             )
             sequence.routing_sent = True
         if reason is not None:

@@ -18,6 +18,7 @@ from expert_store.runtime import (
 from expert_store.store import ExpertStore
 from retrieval.build import INDEX_SUBDIR
 from retrieval.calibrate import load_patterns_for_store
+from retrieval.router_check import PROFILE_FILE, RouterProfile
 from retrieval.selection import Budget
 from retrieval.service import PatternRouter
 from server.engine_core import EngineParts
@@ -44,6 +45,7 @@ class ServeConfig:
     adaptive: bool = False
     merge_close_calls: bool = False
     fallback: Fallback = "general"  # what serves a query like nothing stored (retrieval/service.py)
+    router_check: bool = True  # check retrieved patterns against the prompt's own routing (engine)
 
     @property
     def torch_dtype_name(self) -> str | None:
@@ -139,6 +141,8 @@ def load_engine_parts(config: ServeConfig, *, with_index: bool = True) -> Engine
         RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots),
     )
     router = _router(config, patterns, budget, _load_index(config) if with_index else None)
+    if config.router_check and config.mode == "pruned":
+        _enable_router_check(router, config.patterns_dir)
     tokenizer = runtime.tokenizer
     eos = runtime.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -196,6 +200,19 @@ def _router(config: ServeConfig, patterns, budget: Budget, index) -> PatternRout
         merge_close_calls=config.merge_close_calls,
         fallback=config.fallback,
     )
+
+
+def _enable_router_check(router: PatternRouter, patterns_dir: Path) -> None:
+    profile = RouterProfile.load(patterns_dir)
+    if profile is None:
+        logger.warning(
+            "router check off: %s has no %s (patterns calibrated before the check existed); "
+            "re-run `taer calibrate` to turn it on",
+            patterns_dir,
+            PROFILE_FILE,
+        )
+        return
+    router.enable_check(profile)
 
 
 def _model_name(store: ExpertStore, config: ServeConfig) -> str:

@@ -132,12 +132,21 @@ class EngineMetrics:
             "int8-channel, with its scales, or a dtype such as bfloat16).",
             ["dtype"],
         )
+        self._router_checks = metric.counter(
+            "router_checks",
+            "Router checks after a prefill, by outcome: kept (the retrieved pattern), rerouted (another "
+            "task's pattern) or exact (no pattern covered the prompt's own routing well).",
+            ["outcome"],
+        )
 
     def set_queue_length(self, count: int) -> None:
         self._queue_length.set(count)
 
     def set_running(self, count: int) -> None:
         self._running.set(count)
+
+    def record_router_check(self, outcome: str) -> None:
+        self._router_checks.labels(outcome=outcome).inc()
 
     def observe_retrieval(self, seconds: float) -> None:
         self._retrieval.observe(seconds)

@@ -6,7 +6,9 @@ sequences join a running batch after their own prefill (``join``: the shorter si
 as in a batch prefill). Every sequence carries its own routing restriction (a row of the per-layer
 masks), so sequences that use different patterns share a batch and each is computed as it would be
 alone. Samples of one request (``n > 1``) share its prefill: the prompt is computed once, then its
-cache rows are copied, one per sample (``expand``).
+cache rows are copied, one per sample (``expand``). For the prompts the router check looks at, the
+prefill also counts every prompt token's own router choices, before any routing restriction
+(``router_choices``).
 
 Legend: B = sequences, S = positions, E = experts, V = vocabulary.
 """
@@ -19,7 +21,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from expert_store.routing import own_choices
 from expert_store.runtime import MoERuntime
+from retrieval.router_check import count_choices
 
 
 class BatchRunner:
@@ -39,6 +43,7 @@ class BatchRunner:
         row_masks: dict[int, torch.Tensor],
         expand: Sequence[int] | None = None,
         score_prompts: Sequence[int] = (),
+        check_prompts: Sequence[int] = (),
     ) -> None:
         self.runtime = runtime
         self.device = runtime.device
@@ -47,6 +52,8 @@ class BatchRunner:
         self._expand = None if self.prompt_rows == list(range(len(prompts))) else self.prompt_rows
         self._score_prompts = list(score_prompts)
         self.prompt_hidden: dict[int, torch.Tensor] = {}  # prompt -> last hidden states [S, H]
+        self._check_prompts = list(check_prompts)
+        self.router_choices: dict[int, torch.Tensor] = {}  # prompt -> own router choices [L, E]
         self.cache = DynamicCache(config=runtime.model.config)
         length = max(len(p) for p in prompts)
         pad = 0
@@ -66,8 +73,9 @@ class BatchRunner:
     def step(self) -> torch.Tensor:
         positions = (self.attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, S]
         positions = positions[:, -self._pending.shape[1] :]
-        model, score = self.runtime.model, self._score_prompts
-        self._score_prompts = []  # the prefill only
+        model, score, check = self.runtime.model, self._score_prompts, self._check_prompts
+        self._score_prompts, self._check_prompts = [], []  # the prefill only
+        counter = _ChoiceCounter(self.runtime, self.attention_mask, check) if check else None
         inputs = {
             "input_ids": self._pending,
             "attention_mask": self.attention_mask,
@@ -76,6 +84,8 @@ class BatchRunner:
             "use_cache": True,
         }
         self.runtime.cache.set_row_masks(self.row_masks)
+        if counter is not None:
+            self.runtime.set_router_observer(counter)
         try:
             if score:  # the decoder, then the head on the last positions only
                 hidden = model.get_decoder()(**inputs).last_hidden_state  # [P, S, H]
@@ -85,6 +95,11 @@ class BatchRunner:
                 logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]  # [B, V]
         finally:
             self.runtime.cache.set_row_masks(None)
+            if counter is not None:
+                self.runtime.set_router_observer(None)
+        if counter is not None:
+            choices = counter.choices
+            self.router_choices = {row: choices[row] for row in check}
         if self._expand is not None:  # after the prefill: one row per sample
             logits = logits[self._expand]
             self._copy_rows(self._expand)
@@ -144,6 +159,50 @@ class BatchRunner:
         self.row_masks = {
             layer: torch.cat([mask, other.row_masks[layer]]) for layer, mask in self.row_masks.items()
         }
+
+
+class _ChoiceCounter:
+    """A router observer for one prefill: per prompt row, how often each expert is among a prompt
+    token's own top-k in each MoE layer (``choices`` [P, L, E]), before the row's routing mask.
+
+    Each layer's logits of the counted tokens are kept as they come; the top-k and the counting run
+    once over all layers when ``choices`` is read (a few large operations instead of many small ones).
+    """
+
+    def __init__(self, runtime: MoERuntime, attention_mask: torch.Tensor, rows: Sequence[int]) -> None:
+        self.gates = {gate.layer: gate for gate in runtime.gates()}
+        self.moe_layers = runtime.layout.moe_layers
+        self.num_prompts, length = attention_mask.shape
+        self.num_experts = runtime.layout.num_experts
+        counted = torch.zeros(self.num_prompts, dtype=torch.bool, device=attention_mask.device)
+        counted[list(rows)] = True
+        tokens = (attention_mask.bool() & counted[:, None]).reshape(-1)  # [T]: real tokens of counted rows
+        self.everything = bool(tokens.all())  # then no token needs picking out
+        self.positions = tokens.nonzero().squeeze(1)  # [t]
+        self.prompt_of = self.positions // length  # [t]
+        self.logits: dict[int, torch.Tensor] = {}  # layer -> [t, E]
+
+    def __call__(self, layer: int, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        self.logits[layer] = logits if self.everything else logits.index_select(0, self.positions)
+
+    @property
+    def choices(self) -> torch.Tensor:
+        gates = [self.gates[layer] for layer in self.moe_layers]
+        if all(gate.family.scoring != "sigmoid_group" for gate in gates):  # one top-k for all layers
+            stacked = torch.stack([self.logits[layer] for layer in self.moe_layers])  # [L, t, E]
+            ids = torch.topk(stacked, gates[0].top_k, dim=-1).indices  # [L, t, K]
+        else:
+            ids = torch.stack(
+                [own_choices(g.family, g.inner, self.logits[g.layer]) for g in gates]
+            )  # [L, t, K]
+        layers = torch.arange(len(gates), device=ids.device)[:, None]  # [L, 1]
+        rows = layers * self.num_prompts + self.prompt_of[None, :]  # [L, t]: (layer, prompt) pairs
+        counts = count_choices(
+            ids.reshape(-1, ids.shape[-1]), rows.reshape(-1), len(gates) * self.num_prompts, self.num_experts
+        )
+        return (
+            counts.reshape(len(gates), self.num_prompts, self.num_experts).transpose(0, 1).cpu()
+        )  # [P, L, E]
 
 
 def _left_pad(tensor: torch.Tensor, count: int, dim: int = -2) -> torch.Tensor:

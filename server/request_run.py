@@ -339,6 +339,9 @@ def routing_headers(routing: RoutingInfo | None) -> dict[str, str]:
         "x-taer-mode": routing.mode,
         "x-taer-experts-loaded": str(routing.experts_loaded),
         "x-taer-replica": routing.replica,
+        "x-taer-retrieved-task": routing.retrieved_task,
+        "x-taer-checked-task": routing.checked_task,
+        "x-taer-rerouted": None if routing.rerouted is None else str(routing.rerouted).lower(),
     }
     return {name: value for name, value in values.items() if value is not None}
 

@@ -75,3 +75,67 @@ def build_pipeline(
     if with_index:
         build_index_for_tasks(tasks / "tasks.yaml", root / "patterns")
     return root / "store", root / "patterns"
+
+
+SEPARABLE_PROMPTS = {
+    "digits": [f"{a}+{a * 7 % 100}={a + a * 7 % 100}; {a * 3}+{a * 11}=" * 3 for a in range(10, 22)],
+    "letters": [
+        f"reverse the word {w} and then spell {w} backwards"
+        for w in [
+            "apple",
+            "river",
+            "stone",
+            "cloud",
+            "tiger",
+            "plant",
+            "music",
+            "light",
+            "dream",
+            "ocean",
+            "house",
+            "bread",
+        ]
+    ],
+}
+
+
+def build_separable_pipeline(root: Path) -> tuple[Path, Path]:
+    """(store dir, patterns dir) of a tiny Qwen3-MoE whose routers separate two tasks: digit and
+    symbol tokens carry one direction of the hidden state, letters the opposite, and every router
+    sends the first direction to experts 0-3 and the second to experts 4-7. With half the experts
+    kept, the tasks' retained sets differ, and a prompt's own routing says which task it is. The
+    experts' weights are scaled up so that which experts run changes the answer."""
+    import torch
+
+    from expert_store.shard import shard_checkpoint
+    from retrieval.calibrate import CalibrationOptions, calibrate
+
+    model = save_tiny("qwen3_moe", root / "ckpt")
+    tokenizer = char_tokenizer()
+    with torch.no_grad():
+        direction = torch.zeros(model.config.hidden_size)
+        direction[0] = 1.0
+        vocab = tokenizer.get_vocab()
+        for char, token in vocab.items():
+            if len(char) == 1 and (char.isdigit() or char in "+=;"):
+                model.model.embed_tokens.weight[token] += 4 * direction
+            elif len(char) == 1 and char.isalpha():
+                model.model.embed_tokens.weight[token] -= 4 * direction
+        for layer in model.model.layers:
+            for param in layer.mlp.experts.parameters():
+                param.mul_(8.0)
+            gate = layer.mlp.gate.weight  # [E, H]
+            gate.normal_(0, 0.3)
+            gate[:4] += 3 * direction
+            gate[4:] -= 3 * direction
+    model.save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    shard_checkpoint(root / "ckpt", root / "store")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for name, prompts in SEPARABLE_PROMPTS.items():
+        lines = [json.dumps({"messages": [{"role": "user", "content": p}]}) for p in prompts]
+        (tasks / f"{name}.jsonl").write_text("\n".join(lines))
+    (tasks / "tasks.yaml").write_text("tasks:\n  digits: digits.jsonl\n  letters: letters.jsonl\n")
+    calibrate(root / "store", tasks / "tasks.yaml", root / "patterns", CalibrationOptions(batch_size=8))
+    return root / "store", root / "patterns"

@@ -66,6 +66,14 @@ def register(subparsers) -> None:
         help="in pruned mode, what serves a query like nothing stored: the general pattern, exact "
         "mode (every expert, loaded as routed) or the full model (TAER_FALLBACK)",
     )
+    parser.add_argument(
+        "--router-check",
+        choices=("on", "off"),
+        default=_env("ROUTER_CHECK", "on"),
+        help="in pruned mode, after each prefill compare the retrieved pattern with the prompt's own "
+        "routing and re-route a request another task's pattern covers clearly better, before its "
+        "first token (needs patterns from this version's `taer calibrate`) (TAER_ROUTER_CHECK)",
+    )
     parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=_env("PORT", 8000, int))
     parser.add_argument("--api-key", default=_env("API_KEY"), help="require this Bearer key (TAER_API_KEY)")
@@ -170,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         slots_per_layer=args.slots_per_layer,
         mode=args.mode,
         fallback=args.fallback,
+        router_check=args.router_check == "on",
         device=args.device,
         dtype=args.dtype,
         encoder=args.encoder,

@@ -84,7 +84,7 @@ def build_app(cluster: ClusterConfig):
 def app_builder(args: dict[str, Any]):
     """For a Ray Serve config file (``import_path: server.cluster.app:app_builder``): ``args`` holds
     ``store``, ``patterns`` and optionally ``keep``, ``experts_per_layer``, ``expert_memory``,
-    ``mode``, ``fallback``, ``device``, ``dtype``, ``api_key``, ``max_queue``, ``served_model_name``,
+    ``mode``, ``fallback``, ``router_check`` (bool), ``device``, ``dtype``, ``api_key``, ``max_queue``, ``served_model_name``,
     ``replicas``, ``max_batch_size``, ``scheduler``, ``max_ongoing_requests``."""
     config = ServeConfig(
         store_dir=Path(args["store"]),
@@ -94,6 +94,7 @@ def app_builder(args: dict[str, Any]):
         expert_memory=args.get("expert_memory"),
         mode=args.get("mode", "pruned"),
         fallback=args.get("fallback", "general"),
+        router_check=bool(args.get("router_check", True)),
         device=args.get("device", "cuda"),
         dtype=args.get("dtype"),
     )

@@ -90,6 +90,25 @@ def test_bench_retrieval_writes_the_report(pipeline, tmp_path, capsys):
             # Retrieval was perfect, so the retrieved patterns are the oracle's: the same accuracy.
             assert row[matcher]["mean"] == row["oracle"]["mean"]
             assert row[f"{matcher}_minus_oracle_points"] == 0 and row[matcher]["retrieval_accuracy"] == 1.0
+    (check,) = report["router_check"]["rows"]
+    assert check["keep"] == 0.5 and set(check["splits"]) == {"heldout", "eval"}
+    for effect in check["splits"].values():
+        assert effect["n"] == 16 and effect["checked"] == 16 and effect["top1_before"] == 1.0
+        assert effect["wrong_retrievals"] == 0 and effect["caught"] is None
+    assert check["out_of_domain"]["n"] == 20 and check["latency"]["n"] > 0
+    assert check["latency"]["prefill_ms"] > 0 and check["latency"]["added_ms"] >= 0
+    # Even random routers tell digits from letters: the check is on, and moves no right retrieval.
+    assert check["on_when_serving"] and check["validated_on"] == "calibration prompts"
+    for effect in check["splits"].values():
+        assert effect["top1_after"] == 1.0 and effect["wrongly_moved"] == 0.0
+    for part in report["end_to_end"].values():
+        assert part["rows"][0]["semantic_checked"]["mean"] == part["rows"][0]["oracle"]["mean"]
     assert [r["size"] for r in report["latency"]["rows"]] == [200]
-    met = [t["met"] for t in report["targets"]]
-    assert met == [True, None, True, True]  # top-1, latency (no 10k index here), retrieved vs oracle x2
+    met = {t["name"]: t["met"] for t in report["targets"]}
+    assert met["semantic top-1 on held-out phrasings >= 95%"] is True
+    assert met["single-query p99 <= 20 ms at 10,000 vectors"] is None  # no 10k index here
+    assert "router check adds <= 5% of the prefill at keep 50%" in met
+    assert "top-1 on held-out phrasings after the router check >= 95% at keep 50%" in met
+    for split in ("heldout", "eval"):
+        assert met[f"semantic-retrieved within 1 point of oracle at keep 50% ({split} prompts)"] is True
+        assert met[f"checked within 1 point of oracle at keep 50% ({split} prompts)"] is True

@@ -41,9 +41,14 @@ async def test_chat_completion_shape_usage_and_taer(client, engine):
         "experts_loaded": 8,
         "experts_reused": 0,
         "replica": None,
+        "retrieved_task": None,
+        "checked_task": None,
+        "rerouted": None,
+        "coverage": None,
     }
     assert response.headers["x-taer-task"] == "sort"
     assert "x-taer-replica" not in response.headers  # one process
+    assert "x-taer-rerouted" not in response.headers  # the router check did not run
     assert response.headers["x-taer-similarity"] == "0.9000"
     assert response.headers["x-taer-mode"] == "pruned"
     assert response.headers["x-taer-experts-loaded"] == "8"

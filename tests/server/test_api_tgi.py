@@ -24,6 +24,10 @@ async def test_generate_without_details(client):
             "experts_loaded": 8,
             "experts_reused": 0,
             "replica": None,
+            "retrieved_task": None,
+            "checked_task": None,
+            "rerouted": None,
+            "coverage": None,
         },
     }
     assert response.headers["x-taer-task"] == "general"

@@ -16,6 +16,7 @@ from tiny_server import tiny_pipeline, tiny_serve_spec
 from benchmarks.servers import ServerProcess
 from retrieval.service import RouteRequest
 from server.loading import ServeConfig, load_engine_parts
+from server.model_runner import BatchRunner
 
 CHOICES = [
     {"question": "What is 3 plus 10? Add the two numbers.", "choices": ["13", "14", "31"], "answer": 0},
@@ -114,11 +115,28 @@ def _evaluate(model: str, url: str, tasks_dir: Path, task: str, **args) -> dict:
     )
 
 
+def _route(parts, text: str, ids: list[int]):
+    """The route the server takes for prompt ``ids``: retrieval's pick for ``text``, then the router
+    check on the prompt's prefill (with the pick's routing mask), as the engine runs it."""
+    route = parts.router.route([RouteRequest(text)])[0]
+    if not parts.router.checks(route):
+        return route
+    runtime, layout = parts.runtime, parts.runtime.layout
+    runtime.activate_all()
+    masks = {}
+    for layer in layout.moe_layers:
+        masks[layer] = torch.zeros(1, layout.num_experts, dtype=torch.bool)
+        masks[layer][0, list(route.selection[layer])] = True
+    runner = BatchRunner(runtime, [ids], masks, check_prompts=[0])
+    runner.step()
+    return parts.router.follow(route, parts.router.check.decide(route.task, runner.router_choices[0]))
+
+
 def _logprobs(parts, ids: list[int]) -> torch.Tensor:
     """log_softmax of the model's logits at each position, under the pattern retrieval picks for the
-    prompt's text (as the server retrieves for a token-id prompt)."""
+    prompt's text (as the server retrieves for a token-id prompt), after the router check."""
     text = parts.tokenizer.decode(ids, skip_special_tokens=True)
-    route = parts.router.route([RouteRequest(text)])[0]
+    route = _route(parts, text, ids)
     parts.runtime.activate(route.selection, route.mode)
     with torch.inference_mode():
         logits = parts.runtime.model(torch.tensor([ids])).logits[0]
@@ -126,8 +144,9 @@ def _logprobs(parts, ids: list[int]) -> torch.Tensor:
 
 
 def _greedy(parts, ids: list[int], retrieval_text: str) -> str:
-    """The greedy answer under the pattern retrieval picks for ``retrieval_text``, cut at a newline."""
-    route = parts.router.route([RouteRequest(retrieval_text)])[0]
+    """The greedy answer under the pattern retrieval picks for ``retrieval_text`` (after the router
+    check), cut at a newline."""
+    route = _route(parts, retrieval_text, ids)
     parts.runtime.activate(route.selection, route.mode)
     prompt = torch.tensor([ids])
     out = parts.runtime.model.generate(
