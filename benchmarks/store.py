@@ -10,6 +10,10 @@ On a synthetic checkpoint with a real model's expert shapes, on the CPU or a CUD
    fresh child process (host memory, CPU runtime).
 4. decode: greedy decoding tokens/s from random prompt ids, pruned to half the experts of every
    layer (half the slots) vs every expert resident.
+5. dtypes: the same checkpoint's experts stored as bfloat16, int8 and float8 (``taer shard
+   --expert-dtype``), every expert resident, computing in bfloat16: bytes per expert in a slot,
+   decode tokens/s (the arms interleaved round by round, best of ``repeats``), and the largest logit
+   difference to the bfloat16 store on the prompt.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from expert_store.errors import TaerError
 
 logger = logging.getLogger(__name__)
 
-SECTIONS = ("load", "switch", "memory", "decode")
-CUDA_SECTIONS = ("load", "switch", "decode")  # "memory" measures the host process, a CPU matter
+SECTIONS = ("load", "switch", "memory", "decode", "dtypes")
+CUDA_SECTIONS = ("load", "switch", "decode", "dtypes")  # "memory" measures the host process, a CPU matter
+EXPERT_DTYPES = ("bfloat16", "int8", "float8")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -360,6 +365,70 @@ def _timed_generation(runtime, ids: torch.Tensor, new_tokens: int, device: torch
     }
 
 
+# 5. Expert dtypes --------------------------------------------------------------------------------
+
+
+def dtype_speed(checkpoint: Path, source_store: Path, options: StoreBenchOptions) -> dict:
+    """Decode tokens/s and slot bytes with the experts stored as each of EXPERT_DTYPES, side by side
+    (a bfloat16 ``source_store`` serves as the bfloat16 arm; the others are sharded beside it)."""
+    from expert_store.manifest import MANIFEST_FILE, Manifest
+    from expert_store.runtime import RuntimeConfig, load_runtime
+    from expert_store.shard import shard_checkpoint
+
+    device = torch.device(options.device)
+    source = Manifest.load(source_store)
+    runtimes = {}
+    for expert_dtype in EXPERT_DTYPES:
+        store = source_store.with_name(f"store-{expert_dtype}")
+        if expert_dtype == source.dtype and source.expert_scheme == "none":
+            store = source_store
+        elif not (store / MANIFEST_FILE).exists():
+            shard_checkpoint(checkpoint, store, force=True, expert_dtype=expert_dtype)
+        runtime = load_runtime(store, RuntimeConfig(device=str(device), dtype="bfloat16"))
+        runtime.activate_all()
+        runtimes[expert_dtype] = runtime
+    generator = torch.Generator().manual_seed(0)
+    vocab = runtimes["bfloat16"].model.config.vocab_size
+    ids = torch.randint(3, vocab, (options.batch, options.prompt_tokens), generator=generator).to(device)
+    logits = {}
+    for name, runtime in runtimes.items():
+        with torch.inference_mode():
+            logits[name] = runtime.model(ids).logits.float()
+        _timed_generation(runtime, ids, 2, device)  # warm-up
+    runs: dict[str, list[dict]] = {name: [] for name in runtimes}
+    for _ in range(options.repeats):  # interleaved: each round runs every arm once
+        for name, runtime in runtimes.items():
+            runs[name].append(_timed_generation(runtime, ids, 1 + options.new_tokens, device))
+    rows = []
+    for name, runtime in runtimes.items():
+        decode = min(r["decode_seconds"] for r in runs[name])
+        bank = next(iter(runtime.cache.banks.values()))
+        rows.append(
+            {
+                "expert_dtype": name,
+                "slots_hold": runtime.expert_dtype,
+                "bytes_per_expert": bank.nbytes_per_slot,
+                "decode_tokens_per_s": options.batch * options.new_tokens / decode,
+                "max_logit_diff_vs_bfloat16": float((logits[name] - logits["bfloat16"]).abs().max()),
+            }
+        )
+        runtime.close()
+    runtimes.clear()
+    release(device)
+    base = rows[0]
+    for row in rows:
+        row["bytes_vs_bfloat16"] = row["bytes_per_expert"] / base["bytes_per_expert"]
+        row["tokens_per_s_vs_bfloat16"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    return {
+        "compute_dtype": "bfloat16",
+        "prompt_tokens": options.prompt_tokens,
+        "new_tokens": options.new_tokens,
+        "batch": options.batch,
+        "repeats": options.repeats,
+        "rows": rows,
+    }
+
+
 # Running ------------------------------------------------------------------------------------------
 
 
@@ -379,6 +448,7 @@ def run(
         "switch": lambda: switch_times(store, repeats=options.repeats, device=options.device),
         "memory": lambda: memory(store, work / "checkpoint"),
         "decode": lambda: decode_speed(store, options),
+        "dtypes": lambda: dtype_speed(work / "checkpoint", store, options),
     }
     for name in options.sections:
         logger.info("bench store: %s on %s", name, options.device)
@@ -474,6 +544,35 @@ def render(result: dict) -> str:
             ),
             f"\npruned vs full: {decode['pruned_vs_full_tokens_per_s']:.3g}x the tokens/s with "
             f"{decode['pruned_vs_full_expert_bytes']:.0%} of the expert memory",
+        ]
+    if "dtypes" in result:
+        dtypes = result["dtypes"]
+        parts += [
+            f"\n## Expert dtypes (every expert resident, {dtypes['compute_dtype']} compute, batch "
+            f"{dtypes['batch']}, {dtypes['new_tokens']} new tokens, arms interleaved, best of {dtypes['repeats']})",
+            markdown_table(
+                [
+                    "experts stored as",
+                    "slots hold",
+                    "bytes/expert",
+                    "vs bfloat16",
+                    "decode tokens/s",
+                    "vs bfloat16",
+                    "max logit diff",
+                ],
+                [
+                    [
+                        r["expert_dtype"],
+                        r["slots_hold"],
+                        r["bytes_per_expert"],
+                        r["bytes_vs_bfloat16"],
+                        r["decode_tokens_per_s"],
+                        r["tokens_per_s_vs_bfloat16"],
+                        r["max_logit_diff_vs_bfloat16"],
+                    ]
+                    for r in dtypes["rows"]
+                ],
+            ),
         ]
     return "\n".join(parts)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from expert_store.keys import ExpertKey
 from expert_store.quant import NONE, Scheme
@@ -31,7 +32,8 @@ class SlotBank:
     S = slots, I = expert intermediate, D = hidden.
 
     An 8-bit ``scheme`` keeps the 8-bit weights and their float32 scales (per output channel, or per
-    128x128 block for ``float8-block128``); the expert forward dequantizes one slot at a time (``weights``)."""
+    128x128 block for ``float8-block128``); the expert forward multiplies through one slot at a time
+    (``linear``: an int8 kernel where one fits, else dequantized on the fly)."""
 
     gate_up: torch.Tensor  # [S, 2I, D]
     down: torch.Tensor  # [S, D, I]
@@ -58,6 +60,14 @@ class SlotBank:
     def parts(self, slot: int) -> tuple[torch.Tensor, ...]:
         """The slot's tensors in ``ExpertTensors.parts()`` order: weights, then scales if any."""
         return tuple(bank[slot] for bank in self.stacked())
+
+    def linear(self, slot: int, part: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, D or I] through the slot's ``gate_up`` or ``down`` weight (``x @ W.T``), in
+        ``x``'s dtype: the slot itself when stored in full precision, else the scheme's 8-bit product."""
+        weight = getattr(self, part)[slot]
+        if not self.scheme.is_quantized:
+            return F.linear(x, weight)
+        return self.scheme.linear(x, weight, getattr(self, f"{part}_scale")[slot])
 
     def weights(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, D], down [D, I]) of a slot in the compute ``dtype``: the slot itself when

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from expert_store.families import Family
@@ -81,9 +80,8 @@ class SlottedExperts(nn.Module):
         for wave in self.cache.waves(self.layer, needed):
             for expert, slot in wave:
                 token_idx, k_pos = torch.where(top_k_index == expert)  # [t], [t]
-                gate_up, down = self.bank.weights(slot, hidden.dtype)  # 8-bit slots: dequantized here
-                gate, up = F.linear(hidden[token_idx], gate_up).chunk(2, dim=-1)  # [t, I] x2
-                expert_out = F.linear(self.act_fn(gate) * up, down)  # [t, D]
+                gate, up = self.bank.linear(slot, "gate_up", hidden[token_idx]).chunk(2, dim=-1)  # [t, I] x2
+                expert_out = self.bank.linear(slot, "down", self.act_fn(gate) * up)  # [t, D]
                 if self.output_observer is not None:
                     self.output_observer(self.layer, expert, token_idx, expert_out)
                 expert_out = expert_out * top_k_weights[token_idx, k_pos, None]

@@ -25,11 +25,28 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from expert_store.errors import CheckpointError, StoreError
 
 _FLOAT8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 _INT8_MAX = 127
+# Every e4m3 byte's value: on a CPU, looking 8-bit weights up here (index_select with int32 indexes)
+# is several times faster than converting them (5x at 1536 x 2048 on this project's machine).
+_FLOAT8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _values(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 8-bit weight's values in ``dtype`` (exact: e4m3 and int8 values fit bfloat16, float16 and
+    float32)."""
+    if weight.dtype == torch.float8_e4m3fn and weight.device.type == "cpu":
+        codes = weight.view(torch.uint8).reshape(-1).to(torch.int32)
+        return _FLOAT8_VALUES.to(dtype).index_select(0, codes).view(weight.shape)
+    return weight.to(dtype)
+
+
+def _to_float32(weight: torch.Tensor) -> torch.Tensor:
+    return _values(weight, torch.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +88,29 @@ class Scheme:
         dequantization of FP8 checkpoints and the tests' reference all use)."""
         if not self.is_quantized:
             return weight if weight.dtype == dtype else weight.to(dtype)
+        values = _to_float32(weight)
         if self.block is not None:
             rows, cols = weight.shape
             scale = scale.repeat_interleave(self.block, 0)[:rows]  # [R, ceil(C/B)]
-            return (weight.to(torch.float32) * scale.repeat_interleave(self.block, 1)[:, :cols]).to(dtype)
-        return (weight.to(torch.float32) * scale[:, None]).to(dtype)  # [R, C]
+            return (values * scale.repeat_interleave(self.block, 1)[:, :cols]).to(dtype)
+        return (values * scale[:, None]).to(dtype)  # [R, C]
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [T, C] times the weight [R, C] transposed, in ``x``'s dtype: [T, R].
+
+        int8 weights with bfloat16 activations on a CPU use torch's weight-only int8 kernel
+        (``_weight_int8pack_mm``, no dequantized copy). Other per-channel schemes multiply by the 8-bit
+        values converted exactly to ``x``'s dtype (float8 looked up by its bytes on a CPU) and apply
+        each output channel's scale to the product, not to the weight: the same result up to
+        rounding, with one multiply per output instead of one per weight. Block scales dequantize.
+        """
+        if not self.is_quantized:
+            return F.linear(x, weight)
+        if self.block is not None:
+            return F.linear(x, self.dequantize(weight, scale, x.dtype))
+        if self.weight_dtype == torch.int8 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return torch._weight_int8pack_mm(x.contiguous(), weight, scale.to(torch.bfloat16))
+        return F.linear(x, _values(weight, x.dtype)) * scale.to(x.dtype)
 
 
 NONE = Scheme("none", None)

@@ -14,7 +14,9 @@ from expert_store.errors import TaerError
 from server.cli import main as taer
 
 SHAPE = SyntheticShape(hidden=64, intermediate=32, num_experts=8, num_layers=2, top_k=2, vocab=128)
-OPTIONS = StoreBenchOptions(sections=("load", "switch", "decode"), repeats=2, prompt_tokens=6, new_tokens=5)
+OPTIONS = StoreBenchOptions(
+    sections=("load", "switch", "decode", "dtypes"), repeats=2, prompt_tokens=6, new_tokens=5
+)
 EXPERT_BYTES = 3 * 64 * 32 * 2  # bfloat16
 
 
@@ -62,10 +64,28 @@ def test_decode_section_compares_pruned_half_with_all_experts(result):
     assert decode["pruned_vs_full_tokens_per_s"] == pytest.approx(ratio)
 
 
+def test_dtypes_section_puts_8_bit_experts_beside_bfloat16(result):
+    dtypes = result["dtypes"]
+    rows = {row["expert_dtype"]: row for row in dtypes["rows"]}
+    assert list(rows) == ["bfloat16", "int8", "float8"] and dtypes["compute_dtype"] == "bfloat16"
+    assert rows["bfloat16"]["bytes_per_expert"] == EXPERT_BYTES
+    assert [rows[n]["slots_hold"] for n in rows] == ["bfloat16", "int8-channel", "float8-channel"]
+    scales = 4 * (2 * 32 + 64)  # float32, one per output row of gate_up [64, 64] and down [64, 32]
+    for name in ("int8", "float8"):
+        assert rows[name]["bytes_per_expert"] == EXPERT_BYTES // 2 + scales
+        assert rows[name]["bytes_vs_bfloat16"] == pytest.approx(rows[name]["bytes_per_expert"] / EXPERT_BYTES)
+        assert 0 < rows[name]["max_logit_diff_vs_bfloat16"] < 1.0  # 8-bit weights: close, not equal
+    for row in rows.values():
+        assert row["decode_tokens_per_s"] > 0
+        assert row["tokens_per_s_vs_bfloat16"] == pytest.approx(
+            row["decode_tokens_per_s"] / rows["bfloat16"]["decode_tokens_per_s"]
+        )
+
+
 def test_render_has_a_table_per_section(result):
     text = render(result)
     assert "# Expert store on cpu" in text
-    for title in ("Expert load throughput", "Pattern switch time", "Greedy decoding"):
+    for title in ("Expert load throughput", "Pattern switch time", "Greedy decoding", "Expert dtypes"):
         assert title in text
     assert "Process memory" not in text
     assert "| pruned keep=50% | 4 |" in text

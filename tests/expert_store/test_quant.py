@@ -62,6 +62,30 @@ def test_float8_round_trip_is_within_half_an_e4m3_step():
     assert scheme.dequantize(q, scale, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_float8_values_are_looked_up_exactly_as_converted():
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    scale = torch.ones(1)
+    looked_up = SCHEMES["float8-channel"].dequantize(every_byte[None], scale, torch.float32)[0]
+    converted = every_byte.to(torch.float32)
+    assert torch.equal(looked_up.isnan(), converted.isnan())  # the two NaN bytes
+    assert torch.equal(looked_up[~converted.isnan()], converted[~converted.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme_name", ["int8-channel", "float8-channel"])
+def test_the_8_bit_product_equals_the_dequantized_one(scheme_name, dtype):
+    """int8 x bfloat16 on the CPU runs torch's weight-only int8 kernel; it must agree with
+    dequantize-then-multiply within bfloat16's rounding (the scale is rounded to bfloat16 too)."""
+    scheme, weight = SCHEMES[scheme_name], _weights()
+    q, scale = scheme.quantize(weight)
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = scheme.linear(x, q, scale)
+    want = torch.nn.functional.linear(x.float(), scheme.dequantize(q, scale, torch.float32))
+    assert got.dtype == dtype and got.shape == (5, 64)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-6  # bfloat16: 8 bits of mantissa, a few roundings
+    assert ((got.float() - want).abs() <= tolerance * want.abs().amax(dim=0, keepdim=True) + 1e-6).all()
+
+
 @pytest.mark.parametrize("expert_dtype", sorted(EIGHT_BIT))
 def test_store_holds_the_quantized_experts_and_their_scales(sharded, expert_dtype):
     reference, store_dir, _ = sharded("qwen3_moe", expert_dtype=expert_dtype)
