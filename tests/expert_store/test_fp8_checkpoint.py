@@ -1,7 +1,16 @@
-"""FP8 block-quantized checkpoints in DeepSeek-V3's layout: a tiny deepseek_v3 model written with e4m3
-weights and float32 ``weight_scale_inv`` per 128x128 block (hidden 160: a whole block and a ragged
-one), sharded with its experts kept in FP8 (``float8-block128``) and its dense weights dequantized to
-bfloat16, served against a transformers model loaded from the dequantized weights."""
+"""FP8 block-quantized checkpoints as DeepSeek-V3 and the Qwen3-MoE FP8 releases ship them: a tiny
+model of each family written with e4m3 weights and a float32 ``weight_scale_inv`` per 128x128 block,
+sharded with its experts kept in FP8 (``float8-block128``) and its dense weights dequantized to
+bfloat16, served against a transformers model loaded from the dequantized weights.
+
+The two layouts are the same (``quantization_config`` {quant_method fp8, fmt e4m3, activation_scheme
+dynamic, weight_block_size [128, 128]}; every linear weight of attention and of each expert
+``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`` in e4m3 with ``<name>_scale_inv``
+[ceil(out/128), ceil(in/128)]; embeddings, norms, the router ``mlp.gate.weight`` and ``lm_head``
+unquantized), so every test runs on both. DeepSeek-V3's tiny model has hidden size 160, a whole block
+and a ragged one; Qwen3-MoE's is in whole blocks, as its releases are (Qwen3-30B-A3B: hidden 2048,
+experts 768 wide, heads of 128), and whole blocks are what transformers' own FP8 dequantization
+reads, which the Qwen3 checkpoint is checked against."""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from reference import pruned_reference
 from safetensors.torch import load_file, save_file
 from tiny_models import padded_inputs, spread_routers, tiny_config
 from transformers import AutoModelForCausalLM
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from expert_store.errors import CheckpointError
 from expert_store.keys import ExpertKey
@@ -34,13 +44,21 @@ QUANTIZATION_CONFIG = {
 # taer (float32 compute) against the transformers model holding the same dequantized weights in
 # float32: they differ only in the order of floating-point operations, as for full-precision stores.
 TOL = 1e-5
-_UNQUANTIZED = ("embed_tokens", "lm_head", "mlp.gate.weight", "norm")  # as DeepSeek-V3 ships them
+_UNQUANTIZED = ("embed_tokens", "lm_head", "mlp.gate.weight", "norm")  # as both families ship them
+FAMILIES = ("deepseek_v3", "qwen3_moe")
+# Each family's tiny model in 128 blocks, on top of tests/tiny_models.py's config.
+_SHAPES = {
+    # hidden: one whole 128 block, one ragged block of 32; the dense first layer's MLP ragged too
+    "deepseek_v3": {"hidden_size": 160, "intermediate_size": 200},
+    # every weight in whole blocks: q and o [256, 256], k and v [128, 256]
+    "qwen3_moe": {"hidden_size": 256, "head_dim": 64, "num_attention_heads": 4, "num_key_value_heads": 2},
+}
 
 
-def _tiny_fp8_model(moe_intermediate: int) -> torch.nn.Module:
-    config = tiny_config("deepseek_v3")
-    config.hidden_size = 160  # one whole 128 block, one ragged block of 32
-    config.intermediate_size = 200  # the dense first layer's MLP: ragged too
+def _tiny_fp8_model(family: str, moe_intermediate: int) -> torch.nn.Module:
+    config = tiny_config(family)
+    for name, value in _SHAPES[family].items():
+        setattr(config, name, value)
     config.moe_intermediate_size = moe_intermediate
     torch.manual_seed(0)
     return spread_routers(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
@@ -68,9 +86,9 @@ def _is_quantized(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and name.endswith(".weight") and not any(p in name for p in _UNQUANTIZED)
 
 
-def _write_fp8_checkpoint(root, moe_intermediate: int = BLOCK):
+def _write_fp8_checkpoint(root, family: str, moe_intermediate: int = BLOCK):
     """(original float32 model, FP8 checkpoint dir, directory of the dequantized float32 weights)."""
-    model = _tiny_fp8_model(moe_intermediate)
+    model = _tiny_fp8_model(family, moe_intermediate)
     model.save_pretrained(root / "full")
     fp8, dequantized = {}, {}
     for name, tensor in load_file(str(root / "full" / "model.safetensors")).items():
@@ -96,11 +114,11 @@ def _write_fp8_checkpoint(root, moe_intermediate: int = BLOCK):
     return model, root / "ckpt", root / "dequantized"
 
 
-@pytest.fixture(scope="module")
-def fp8_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
-    model, checkpoint, dequantized = _write_fp8_checkpoint(root)
-    shard_checkpoint(checkpoint, root / "store")
+@pytest.fixture(scope="module", params=FAMILIES)
+def fp8_store(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"fp8-{request.param}")
+    model, checkpoint, dequantized = _write_fp8_checkpoint(root, request.param)
+    assert main(["shard", str(checkpoint), str(root / "store")]) == 0
     return model, checkpoint, dequantized, root / "store"
 
 
@@ -119,8 +137,9 @@ def test_experts_stay_fp8_with_their_block_scales(fp8_store):
     stored = store.expert(ExpertKey(2, 3))
     prefix = "model.layers.2.mlp.experts.3"
     gate, up, down = (f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down"))
-    assert stored.gate_up.dtype == torch.float8_e4m3fn and stored.gate_up_scale.shape == (2, 2)
-    assert stored.down_scale.shape == (2, 1)  # [ceil(160/128), 128/128]
+    hidden_blocks = -(-store.layout.hidden_size // BLOCK)  # DeepSeek-V3's 160: 2, Qwen3's 256: 2
+    assert stored.gate_up.dtype == torch.float8_e4m3fn and stored.gate_up_scale.shape == (2, hidden_blocks)
+    assert stored.down_scale.shape == (hidden_blocks, 1)  # [ceil(hidden/128), 128/128]
     expected_gate_up = torch.cat([source[gate], source[up]]).view(torch.uint8)
     assert torch.equal(stored.gate_up.view(torch.uint8), expected_gate_up)  # the checkpoint's bytes
     assert torch.equal(stored.down.view(torch.uint8), source[down].view(torch.uint8))
@@ -130,9 +149,15 @@ def test_experts_stay_fp8_with_their_block_scales(fp8_store):
     bf16_bytes = 2 * store.layout.params_per_expert
     assert manifest.bytes_per_expert <= 0.51 * bf16_bytes  # 8 bits plus 6 float32 block scales
     dense = dict(store.dense_tensors())
-    q_a = "model.layers.0.self_attn.q_a_proj.weight"
-    expected = _dequantize(source[q_a], source[f"{q_a}_scale_inv"]).to(torch.bfloat16)
-    assert torch.equal(dense[q_a], expected)  # dense weights dequantized to bfloat16
+    quantized = [
+        n.removesuffix("_scale_inv") for n in source if n.endswith("_scale_inv") and ".experts." not in n
+    ]
+    assert "model.layers.0.self_attn.o_proj.weight" in quantized
+    for name in quantized:  # dense weights (attention, DeepSeek-V3's dense and shared MLPs) in bfloat16
+        expected = _dequantize(source[name], source[f"{name}_scale_inv"]).to(torch.bfloat16)
+        assert torch.equal(dense[name], expected), name
+    for name in ("model.layers.1.mlp.gate.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(dense[name], source[name])  # the router and the rest: as the checkpoint has them
     assert not any(name.endswith("_scale_inv") for name in dense)
     store.close()
     assert verify_store(store_dir).ok
@@ -149,13 +174,15 @@ def test_logits_equal_the_dequantized_reference(fp8_store):
     got = _logits(runtime.model, ids, mask)
     assert (_logits(reference, ids, mask) - got)[mask.bool()].abs().max().item() <= TOL
     # and FP8 (every linear weight, attention included) stays near the float32 original: a sanity
-    # bound, not the method's tolerance (measured: mean difference 0.03, logits' spread 0.25)
+    # bound, not the method's tolerance (measured: mean difference 0.03 and 0.02, logits' spread 0.25
+    # and 0.34, for DeepSeek-V3 and Qwen3)
     original_logits = _logits(original, ids, mask)[mask.bool()]
     assert (original_logits - got[mask.bool()]).abs().mean() < original_logits.std() / 5
     runtime.close()
 
-    selection = {1: [0, 2, 3, 5, 7], 2: [1, 2, 4, 6, 7]}
     pruned = load_runtime(store_dir, RuntimeConfig(slots_per_layer=5, dtype="float32"))
+    kept = ([0, 2, 3, 5, 7], [1, 2, 4, 6, 7], [0, 1, 3, 4, 6])  # DeepSeek-V3: layers 1-2, Qwen3: 0-2
+    selection = dict(zip(pruned.layout.moe_layers, kept, strict=False))
     pruned.activate(selection, "pruned")
     with pruned_reference(reference, selection):
         expected = _logits(reference, ids, mask)
@@ -188,8 +215,25 @@ def test_bfloat16_experts_are_the_dequantized_blocks(fp8_store, tmp_path):
     store.close()
 
 
+def test_the_qwen3_checkpoint_is_what_transformers_dequantizes(tmp_path):
+    """The reference above dequantizes the checkpoint as this test reads the layout; transformers' own
+    FP8 integration (what loads the Qwen3 FP8 releases with ``dequantize=True``) reads every
+    quantized weight of the tiny Qwen3 checkpoint to exactly the same values."""
+    _, checkpoint, _ = _write_fp8_checkpoint(tmp_path, "qwen3_moe")
+    source = load_file(str(checkpoint / "model.safetensors"))
+    scaled = [name.removesuffix("_scale_inv") for name in source if name.endswith("_scale_inv")]
+    assert len(scaled) == 3 * (4 + 3 * 8)  # per layer: q, k, v, o and 8 experts' gate, up, down
+    assert not any(p in name for name in scaled for p in _UNQUANTIZED)
+    dequantize = Fp8Dequantize(hf_quantizer=None)
+    for name in scaled:
+        weight, scale_inv = source[name], source[f"{name}_scale_inv"]
+        assert weight.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32
+        read = dequantize.convert({"weight": weight, "weight_scale_inv": scale_inv})["weight"]
+        assert torch.equal(read, _dequantize(weight, scale_inv)), name
+
+
 def test_ragged_expert_rows_cannot_keep_their_blocks(tmp_path):
-    _, checkpoint, _ = _write_fp8_checkpoint(tmp_path, moe_intermediate=64)
+    _, checkpoint, _ = _write_fp8_checkpoint(tmp_path, "deepseek_v3", moe_intermediate=64)
     with pytest.raises(CheckpointError, match="intermediate size 64 is not a multiple of its 128-row"):
         shard_checkpoint(checkpoint, tmp_path / "store")
     shard_checkpoint(checkpoint, tmp_path / "store", expert_dtype="int8")  # dequantized, then int8
