@@ -178,7 +178,10 @@ class ServerProcess:
                 time.sleep(0.25)
 
     def memory(self) -> dict[str, int]:
-        """Current (VmRSS) and peak (VmHWM) resident bytes of the server process."""
+        """Current (VmRSS) and peak (VmHWM) resident bytes of the server process, and the current
+        ones split into anonymous memory (its own allocations: RssAnon) and file pages mapped in
+        (RssFile: the store's memory-mapped shards, as far as they were read; bounded by their size,
+        and the kernel's to reclaim)."""
         fields = {}
         try:
             status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -186,9 +189,14 @@ class ServerProcess:
             status = ""
         for line in status.splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 fields[key] = int(value.split()[0]) * 1024
-        return {"rss_bytes": fields.get("VmRSS", 0), "peak_rss_bytes": fields.get("VmHWM", 0)}
+        return {
+            "rss_bytes": fields.get("VmRSS", 0),
+            "peak_rss_bytes": fields.get("VmHWM", 0),
+            "rss_anon_bytes": fields.get("RssAnon", 0),
+            "rss_file_bytes": fields.get("RssFile", 0),
+        }
 
     def model_id(self) -> str:
         with httpx.Client(trust_env=False, timeout=10) as client:

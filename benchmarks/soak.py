@@ -263,6 +263,9 @@ def check(
     lost = sum(sent.values()) - ended + sum(max(0, sent[p] - abandoned[p] - counted[p]) for p in sent)
     duplicated = duplicated_ids + (len(outcomes) - ended) + sum(max(0, counted[p] - sent[p]) for p in sent)
     growth = rss["after_run"] / rss["after_warmup"] - 1
+    anon_growth = (
+        rss["anon_after_run"] / rss["anon_after_warmup"] - 1 if rss.get("anon_after_warmup") else None
+    )
     return {
         "sent": sum(sent.values()),
         "outcomes": dict(kinds),
@@ -278,6 +281,7 @@ def check(
         "gauges_at_end": {g: gauges.get(g, 0.0) for g in GAUGES},
         "rss_bytes": rss,
         "rss_growth": growth,
+        "rss_anon_growth": anon_growth,
         "ok": not mismatches
         and not lost
         and not duplicated
@@ -296,7 +300,7 @@ def soak(server: ServerProcess, prompts: Sequence[str], settings: SoakSettings) 
     warmup = [replace(r, index=-1 - r.index) for r in warmup_plan]
     asyncio.run(run_requests(base_url, warmup, settings, settings.clients))
     settled_metrics(base_url)
-    before, rss_warm = read_metrics(base_url), server.memory()["rss_bytes"]
+    before, warm = read_metrics(base_url), server.memory()
     start = time.perf_counter()
     outcomes = asyncio.run(run_requests(base_url, requests, settings, settings.clients))
     wall_s = time.perf_counter() - start
@@ -306,7 +310,15 @@ def soak(server: ServerProcess, prompts: Sequence[str], settings: SoakSettings) 
     counted = Counter(
         {p: round(after.get(f"requests:{p}", 0) - before.get(f"requests:{p}", 0)) for p in sent}
     )
-    rss = {"after_warmup": rss_warm, "after_run": memory["rss_bytes"], "peak": memory["peak_rss_bytes"]}
+    rss = {
+        "after_warmup": warm["rss_bytes"],
+        "after_run": memory["rss_bytes"],
+        "peak": memory["peak_rss_bytes"],
+        "anon_after_warmup": warm["rss_anon_bytes"],
+        "anon_after_run": memory["rss_anon_bytes"],
+        "file_after_warmup": warm["rss_file_bytes"],
+        "file_after_run": memory["rss_file_bytes"],
+    }
     figures = check(outcomes, references, sent, counted, rss, after)
     settings_json = asdict(settings) | {"prompts": len(prompts), "references": len(references)}
     return {"settings": settings_json, "wall_s": wall_s, **figures}
@@ -317,6 +329,13 @@ def task_prompts(tasks_file: Path, per_task: int) -> list[str]:
     from retrieval.tasks_file import load_tasks_file
 
     return [p.query_text for task in load_tasks_file(tasks_file) for p in task.calibration[:per_task]]
+
+
+def _file_pages(rss: dict) -> str:
+    """The file-backed resident MiB after the warm-up -> after the run (the store's mapped shards)."""
+    if "file_after_warmup" not in rss:
+        return "-"
+    return f"{rss['file_after_warmup'] / 2**20:.0f} -> {rss['file_after_run'] / 2**20:.0f}"
 
 
 def render(report: dict) -> str:
@@ -334,6 +353,8 @@ def render(report: dict) -> str:
             report["mismatches"],
             "0" if not any(report["gauges_at_end"].values()) else report["gauges_at_end"],
             f"{report['rss_growth']:+.1%}",
+            "-" if report.get("rss_anon_growth") is None else f"{report['rss_anon_growth']:+.1%}",
+            _file_pages(report["rss_bytes"]),
             report["wall_s"],
         ]
     ]
@@ -349,6 +370,8 @@ def render(report: dict) -> str:
         "differ from alone",
         "gauges at end",
         "RSS after warm-up -> end",
+        "of it anonymous",
+        "file pages MiB",
         "wall s",
     ]
     intro = (

@@ -37,6 +37,9 @@ def test_a_short_soak_answers_as_alone_and_loses_nothing(tmp_path):
     assert report["lost"] == 0 and report["duplicated"] == 0, report["server_counted_per_path"]
     assert report["gauges_at_end"] == dict.fromkeys(GAUGES, 0.0)
     assert report["rss_growth"] <= 0.05, report["rss_bytes"]
+    rss = report["rss_bytes"]  # resident memory split: the process's own, and the mapped store pages
+    assert 0 < rss["anon_after_warmup"] < rss["after_warmup"] and rss["file_after_warmup"] > 0
+    assert report["rss_anon_growth"] == rss["anon_after_run"] / rss["anon_after_warmup"] - 1
     assert report["ok"]
 
 
