@@ -22,7 +22,8 @@ DEFAULT_CAPACITY = 200
 class RequestRecord:
     """One closed request. ``finished_at``: Unix time; ``latency_s``: from arrival to close.
     ``finish_reason`` is ``None`` for a request that did not finish (an error, its deadline or its
-    client's disconnect). The routing fields are ``None`` (and 0) when it ended before routing."""
+    client's disconnect). The routing fields are ``None`` (and 0) when it ended before routing;
+    ``retrieved_task`` and ``rerouted`` are the router check's (``None`` where it did not run)."""
 
     request_id: str
     finished_at: float
@@ -37,6 +38,8 @@ class RequestRecord:
     experts_loaded: int
     experts_reused: int
     replica: str | None
+    retrieved_task: str | None = None
+    rerouted: bool | None = None
 
 
 class RecentRequests:
@@ -66,6 +69,8 @@ class RecentRequests:
                 experts_loaded=routing.experts_loaded if routing else 0,
                 experts_reused=routing.experts_reused if routing else 0,
                 replica=routing.replica if routing else None,
+                retrieved_task=routing.retrieved_task if routing else None,
+                rerouted=routing.rerouted if routing else None,
             )
         )
         self.num_recorded += 1

@@ -30,10 +30,24 @@ def test_a_record_carries_the_routing_or_none_before_routing():
     recent = RecentRequests()
     recent.record(Run(0))
     recent.record(
-        Run(1, RoutingInfo("math", "exact", 0.8, 0.9, experts_loaded=3, experts_reused=5, replica="a"))
+        Run(
+            1,
+            RoutingInfo(
+                "math",
+                "exact",
+                0.8,
+                0.9,
+                experts_loaded=3,
+                experts_reused=5,
+                replica="a",
+                retrieved_task="code",
+                rerouted=True,
+            ),
+        )
     )
     routed, unrouted = recent.newest_first()
     assert (routed.task, routed.mode, routed.similarity, routed.confidence) == ("math", "exact", 0.8, 0.9)
     assert (routed.experts_loaded, routed.experts_reused, routed.replica) == (3, 5, "a")
+    assert (routed.retrieved_task, routed.rerouted) == ("code", True)
     assert (unrouted.task, unrouted.mode, unrouted.experts_loaded) == (None, None, 0)
     assert routed.latency_s > 0 and routed.finished_at >= unrouted.finished_at

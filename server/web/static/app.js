@@ -287,7 +287,13 @@ function renderRequests(requests) {
         "tr",
         { "data-task": r.task || "" },
         h("td", {}, new Date(r.finished_at * 1000).toLocaleTimeString()),
-        h("td", {}, r.task ? chip(r.task) : null, ` ${r.task || "full model"}`),
+        h(
+          "td",
+          {},
+          r.task ? chip(r.task) : null,
+          ` ${r.task || "full model"}`,
+          r.rerouted ? h("span", { class: "muted" }, ` (re-routed from ${r.retrieved_task})`) : null,
+        ),
         h("td", {}, fixed(r.similarity, 3)),
         h("td", {}, fixed(r.confidence, 3)),
         h("td", {}, r.mode || "-"),
@@ -364,6 +370,7 @@ function describeRun(routing, finish, usage, elapsedMs) {
   const parts = [];
   if (routing) {
     parts.push(`task ${routing.task || "(full model)"}`, `mode ${routing.mode}`);
+    if (routing.rerouted) parts.push(`re-routed by the router check from ${routing.retrieved_task}`);
     if (routing.similarity !== null && routing.similarity !== undefined) parts.push(`similarity ${routing.similarity.toFixed(3)}`);
     if (routing.confidence !== null && routing.confidence !== undefined) parts.push(`confidence ${routing.confidence.toFixed(3)}`);
     parts.push(`${routing.experts_loaded} experts loaded, ${routing.experts_reused} resident`);
