@@ -13,25 +13,40 @@ Everything runs in one process on one runtime, so the ratios to the full model a
 report is a markdown table, JSON, a plot of mean accuracy against keep per scorer, and a heatmap of
 every task's TCESS table. Targets (issue 4): TCESS at keep 50% >= 99% of the full model's mean
 accuracy, at 25% >= 85%, and TCESS above frequency and random at 25%.
+
+``--expert-dtypes bfloat16,int8,float8`` adds the expert dtype as a column: the checkpoint's experts
+stored in each dtype, at keep 100/50/25%, accuracy as a share of bfloat16's and the logit difference
+(:mod:`benchmarks.fidelity_dtypes`); ``--dtypes-only`` runs that comparison alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import machine_info, markdown_table, write_json
+from benchmarks.common import machine_info, write_json
 from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
-from benchmarks.fidelity_plots import plot_accuracy, plot_tcess_heatmap
+from benchmarks.fidelity_dtypes import (
+    DTYPE_KEEPS,
+    EXPERT_DTYPES,
+    DtypeFidelityConfig,
+    compare_expert_dtypes,
+    parse_expert_dtypes,
+)
+from benchmarks.fidelity_plots import plot_accuracy, plot_dtypes, plot_tcess_heatmap
+from benchmarks.fidelity_render import find_cell, render_dtypes_report, render_fidelity_markdown
 from demo.suite import Suite, load_suite
 from evaluation.pruned_eval import SelectionEvaluator, SelectionPolicy, selection_for
+from expert_store.errors import StoreError
+from expert_store.manifest import Manifest
 from expert_store.runtime import RuntimeConfig, load_runtime
 from retrieval.calibrate import load_patterns_for_store
 from retrieval.patterns import PatternSet
@@ -149,15 +164,11 @@ def _tcess_tables(patterns: PatternSet) -> dict[str, list[list[float]]]:
     return {name: patterns.get(name).stats.tcess.tolist() for name in names}
 
 
-def _cell(rows: list[dict], scorer: str, keep: float) -> dict | None:
-    return next((r for r in rows if r["scorer"] == scorer and r["keep"] == keep), None)
-
-
 def fidelity_targets(full_mean: float, rows: list[dict]) -> list[dict]:
     """Each target with what was measured and whether it is met (None when not measured)."""
     targets = []
     for keep, ratio in ((TARGET_KEEP_HIGH, TARGET_RATIO_HIGH), (TARGET_KEEP_LOW, TARGET_RATIO_LOW)):
-        cell = _cell(rows, "tcess", keep)
+        cell = find_cell(rows, "tcess", keep)
         measured = None if cell is None else cell["relative"]
         targets.append(
             {
@@ -167,9 +178,9 @@ def fidelity_targets(full_mean: float, rows: list[dict]) -> list[dict]:
                 "met": None if measured is None else measured >= ratio,
             }
         )
-    tcess = _cell(rows, "tcess", TARGET_KEEP_LOW)
+    tcess = find_cell(rows, "tcess", TARGET_KEEP_LOW)
     for other in ("frequency", "random"):
-        cell = _cell(rows, other, TARGET_KEEP_LOW)
+        cell = find_cell(rows, other, TARGET_KEEP_LOW)
         measured = None if tcess is None or cell is None else tcess["mean"] - cell["mean"]
         targets.append(
             {
@@ -181,66 +192,6 @@ def fidelity_targets(full_mean: float, rows: list[dict]) -> list[dict]:
             }
         )
     return targets
-
-
-def render_fidelity_markdown(report: dict) -> str:
-    """A summary (mean accuracy, scorer by keep), every cell per task, and the targets."""
-    full = report["full"]
-    keeps = sorted({r["keep"] for r in report["rows"]}, reverse=True)
-    model = report["model"]
-    n = report["n"]
-    lines = [
-        f"Model `{model['store']}` ({model['family']}, {len(model['moe_layers'])} MoE layers x "
-        f"{model['num_experts']} experts, top-{model['top_k']}); split `{report['split']}`, "
-        f"n = {min(n.values())}-{max(n.values())} prompts per task ({sum(n.values())} in all); greedy, exact "
-        f"match, pruned routing. Random: mean of seeds {report['random_seeds']}. "
-        f"Full model mean accuracy: {100 * full['mean']:.1f}%.",
-        "",
-        "Mean accuracy (% of prompts; in brackets, relative to the full model):",
-        "",
-    ]
-    summary = []
-    for scorer in SCORERS:
-        cells = [_cell(report["rows"], scorer, keep) for keep in keeps]
-        summary.append([scorer, *(_pct_rel(c) for c in cells)])
-    headers = [
-        "scorer",
-        *(f"keep {k:.1%} ({_cell(report['rows'], 'tcess', k)['experts_per_layer']})" for k in keeps),
-    ]
-    lines += [markdown_table(headers, summary), ""]
-    names = list(full["tasks"])
-    detail = [["full", "-", *(_pct(full["tasks"][t]["accuracy"]) for t in names), _pct(full["mean"])]]
-    for row in report["rows"]:
-        detail.append(
-            [row["scorer"], f"{row['keep']:.1%}", *(_pct(row["tasks"][t]) for t in names), _pct(row["mean"])]
-        )
-    lines += ["Per task (accuracy %):", "", markdown_table(["scorer", "keep", *names, "mean"], detail), ""]
-    if report["skipped_keeps"]:
-        lines += [f"Skipped keeps (fewer experts than top-k): {report['skipped_keeps']}", ""]
-    lines += ["Targets:", ""] + [_target_line(t) for t in report["targets"]]
-    return "\n".join(lines) + "\n"
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-def _pct_rel(cell: dict | None) -> str:
-    if cell is None:
-        return "-"
-    relative = "" if cell["relative"] is None else f" ({100 * cell['relative']:.0f}%)"
-    return f"{100 * cell['mean']:.1f}{relative}"
-
-
-def _target_line(target: dict) -> str:
-    if target["met"] is None:
-        return f"- {target['name']}: not measured"
-    measured = target["measured"]
-    shown = f"{100 * measured:.1f}%" if target["threshold"] > 0 else f"{100 * measured:+.1f} points"
-    line = f"- {target['name']}: {shown}, {'met' if target['met'] else 'NOT met'}"
-    if target.get("same_sets"):
-        line += f" (the same retained experts as TCESS for {target['same_sets']} task(s))"
-    return line
 
 
 def write_fidelity_report(report: dict, out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:
@@ -257,6 +208,24 @@ def write_fidelity_report(report: dict, out_dir: Path, json_path: Path | None = 
     paths["markdown"].write_text(render_fidelity_markdown(report))
     plot_accuracy(report, paths["plot"])
     plot_tcess_heatmap(report, paths["heatmap"])
+    if "dtypes" in report:
+        paths["dtypes_plot"] = plot_dtypes(report["dtypes"], out_dir / "fidelity_dtypes.png")
+    return paths
+
+
+def write_dtypes_report(comparison: dict, out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:
+    """``--dtypes-only``: the expert dtype comparison's JSON (default OUT/fidelity_dtypes.json),
+    markdown and plot."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": Path(json_path) if json_path else out_dir / "fidelity_dtypes.json",
+        "markdown": out_dir / "fidelity_dtypes.md",
+        "plot": out_dir / "fidelity_dtypes.png",
+    }
+    write_json(paths["json"], comparison)
+    paths["markdown"].write_text(render_dtypes_report(comparison))
+    plot_dtypes(comparison, paths["plot"])
     return paths
 
 
@@ -266,21 +235,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random-set seeds")
     parser.add_argument("--limit", type=int, default=100, help="prompts per task (0: all)")
     parser.add_argument("--split", choices=["eval", "heldout"], default="eval")
+    dtypes = parser.add_argument_group("expert dtypes (the comparison runs only with --expert-dtypes)")
+    dtypes.add_argument(
+        "--expert-dtypes",
+        type=parse_expert_dtypes,
+        help=f"comma list of {','.join(EXPERT_DTYPES)}: the checkpoint's experts stored in each (taer shard "
+        "--expert-dtype), each store calibrated, every arm computing in bfloat16; accuracy as a share of "
+        "bfloat16's and the max logit difference (bfloat16 is always measured, as the baseline)",
+    )
+    dtypes.add_argument(
+        "--dtype-keeps", type=float, nargs="+", default=list(DTYPE_KEEPS), help="keeps of the comparison"
+    )
+    dtypes.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the checkpoint to shard (default: the one the store was sharded from, as its manifest says)",
+    )
+    dtypes.add_argument(
+        "--dtype-work",
+        type=Path,
+        help="where the stores and patterns go (default DATA/bench-fidelity-dtypes)",
+    )
+    dtypes.add_argument("--dtypes-only", action="store_true", help="run only the expert dtype comparison")
 
 
 def main(args: argparse.Namespace) -> int:
     set_threads(args)
+    if args.dtypes_only and not args.expert_dtypes:
+        raise SystemExit("--dtypes-only needs --expert-dtypes bfloat16,int8,float8")
     store, patterns, tasks = resolve_inputs(args)
-    config = FidelityConfig(
-        keeps=tuple(args.keeps),
-        random_seeds=tuple(args.seeds),
+    suite = load_suite(tasks)
+    compare_dtypes = _dtype_comparison(args, store, tasks, suite) if args.expert_dtypes else None
+    if args.dtypes_only:
+        comparison = compare_dtypes()
+        paths = write_dtypes_report(comparison, args.out, args.json)
+        print(render_dtypes_report(comparison))
+    else:
+        config = FidelityConfig(
+            keeps=tuple(args.keeps),
+            random_seeds=tuple(args.seeds),
+            split=args.split,
+            limit=args.limit or None,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        report = run_fidelity(store, patterns, suite, config)
+        if compare_dtypes is not None:
+            report["dtypes"] = compare_dtypes()
+            report["targets"] += report["dtypes"].pop("targets")
+        paths = write_fidelity_report(report, args.out, args.json)
+        print(render_fidelity_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _dtype_comparison(args: argparse.Namespace, store: Path, tasks: Path, suite: Suite) -> Callable[[], dict]:
+    """The expert dtype comparison the flags ask for, its checkpoint checked before anything runs."""
+    manifest = Manifest.load(store)
+    checkpoint = args.checkpoint or Path(manifest.source)
+    if not (checkpoint / "config.json").exists():
+        raise StoreError(
+            f"{checkpoint}, the checkpoint to shard per expert dtype, is not there; pass --checkpoint"
+        )
+    config = DtypeFidelityConfig(
+        expert_dtypes=args.expert_dtypes,
+        keeps=tuple(args.dtype_keeps),
         split=args.split,
         limit=args.limit or None,
         batch_size=args.batch_size,
         device=args.device,
     )
-    report = run_fidelity(store, patterns, load_suite(tasks), config)
-    paths = write_fidelity_report(report, args.out, args.json)
-    print(render_fidelity_markdown(report))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    work = args.dtype_work or Path(args.data) / "bench-fidelity-dtypes"
+    # The store under test gives the logit differences a scale when it is this checkpoint's, in float32.
+    is_float32 = (manifest.dtype, manifest.expert_scheme) == ("F32", "none")
+    float32 = store if is_float32 and manifest.source == str(checkpoint.resolve()) else None
+    return functools.partial(compare_expert_dtypes, checkpoint, tasks, suite, work, config, float32)

@@ -29,6 +29,7 @@ def test_bench_fidelity_writes_every_file(pipeline, tmp_path, capsys):
     for name in ("fidelity.md", "fidelity_accuracy.png", "tcess_heatmap.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "fidelity.png").exists() is False and not (out / "fidelity.json").exists()
+    assert "dtypes" not in report and not (out / "fidelity_dtypes.png").exists()  # only with --expert-dtypes
     assert report["skipped_keeps"] == [0.125]  # 1 of 8 experts: fewer than top-2
     assert report["n"] == {"arithmetic": 3, "reverse": 3}
     assert [(r["keep"], r["scorer"]) for r in report["rows"]] == [
