@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -48,6 +49,18 @@ class BuildSpec:
 
     def key(self) -> dict[str, object]:
         return {"version": BUILD_VERSION, "seed": self.seed, "steps": self.train.steps, **asdict(self)}
+
+    def build_into(self, work: Path, progress: bool) -> dict[str, object]:
+        """Train, save the checkpoint and the suite under ``work``, evaluate; returns the stamp."""
+        return _build_into(work, self, progress)
+
+
+class Buildable(Protocol):
+    """A build spec: :class:`BuildSpec`, or another family's (``demo.deepseek_build``)."""
+
+    def key(self) -> dict[str, object]: ...
+
+    def build_into(self, work: Path, progress: bool) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +127,7 @@ def _build_into(work: Path, spec: BuildSpec, progress: bool) -> dict[str, object
 def build_demo(
     out: str | Path = DEFAULT_OUT,
     *,
-    spec: BuildSpec | None = None,
+    spec: Buildable | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> BuildResult:
@@ -138,7 +151,7 @@ def build_demo(
     shutil.rmtree(work, ignore_errors=True)
     try:
         work.mkdir()
-        stamp = _build_into(work, spec, progress)
+        stamp = spec.build_into(work, progress)
         (work / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             # A directory cannot be renamed over a non-empty one: move the old build aside first.

@@ -18,7 +18,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+# Expert blocks with the same 3-D layout and forward contract (DeepSeek-V3's is Qwen3-MoE's).
+_EXPERT_BLOCKS = (Qwen3MoeExperts, DeepseekV3Experts)
 
 
 def grouped_experts_forward(
@@ -46,11 +50,11 @@ def grouped_experts_forward(
 
 @contextmanager
 def grouped_experts(model: nn.Module) -> Iterator[int]:
-    """Run every Qwen3-MoE experts block of ``model`` through :func:`grouped_experts_forward`.
+    """Run every Qwen3-MoE or DeepSeek-V3 experts block of ``model`` through :func:`grouped_experts_forward`.
 
     Yields the number of blocks switched; the class's own forward is back on exit.
     """
-    blocks = [m for m in model.modules() if isinstance(m, Qwen3MoeExperts)]
+    blocks = [m for m in model.modules() if isinstance(m, _EXPERT_BLOCKS)]
     for block in blocks:
         block.forward = types.MethodType(grouped_experts_forward, block)
     try:

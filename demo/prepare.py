@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from demo.build import build_demo
+from demo.build import Buildable, build_demo
 from expert_store.errors import PatternError, StoreError
 from expert_store.manifest import MANIFEST_FILE
 from expert_store.shard import shard_checkpoint
@@ -48,12 +48,15 @@ class PreparedDemo:
     tasks_file: Path
 
 
-def prepare_demo(paths: DemoPaths, encoder_path: Path | None = None) -> PreparedDemo:
+def prepare_demo(
+    paths: DemoPaths, encoder_path: Path | None = None, spec: Buildable | None = None
+) -> PreparedDemo:
     """Build, shard, calibrate and index the demo into ``paths``, rebuilding only what is stale.
 
     ``encoder_path``: the sentence-transformers model the index embeds with (default: the shipped one).
+    ``spec``: the build (default: the default demo's; e.g. ``demo.deepseek_build.DeepseekBuildSpec``).
     """
-    demo = build_demo(paths.demo)
+    demo = build_demo(paths.demo, spec=spec)
     store, patterns = paths.store, paths.patterns
     manifest = store / MANIFEST_FILE
     if not manifest.exists() or manifest.stat().st_mtime < (demo.path / "build.json").stat().st_mtime:

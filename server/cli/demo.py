@@ -1,5 +1,6 @@
 """`taer demo build`: train the embedded default MoE and write its task suite (cached).
-`taer demo prepare`: build, shard, calibrate and index it (what the container runs without a model)."""
+`taer demo prepare`: build, shard, calibrate and index it (what the container runs without a model).
+Both take ``--family deepseek_v3`` for the DeepSeek-V3-family demo on the extended task suite."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from demo.build import DEFAULT_OUT, BuildSpec, build_demo
+from demo.build import DEFAULT_OUT, Buildable, BuildSpec, build_demo
 from demo.train import DEFAULT_STEPS, TrainConfig
+
+FAMILIES = ("qwen3_moe", "deepseek_v3")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,13 +23,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Writes OUT/model (a Hugging Face checkpoint), OUT/tasks/tasks.yaml and OUT/build.json.",
     )
     build.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default {DEFAULT_OUT}, or {DEFAULT_OUT}-deepseek_v3 for that family)",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
     build.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
     build.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps (default {DEFAULT_STEPS}; the deepseek_v3 demo's own default otherwise)",
     )
+    _add_family(build)
     build.set_defaults(func=run)
     prepare = actions.add_parser(
         "prepare",
@@ -44,12 +54,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME_OR_DIR",
         help="the index's encoder: minilm (default), mpnet, or a sentence-transformers model directory",
     )
+    _add_family(prepare)
     prepare.set_defaults(func=run_prepare)
 
 
+def _add_family(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="qwen3_moe",
+        help="qwen3_moe: the default demo (six tasks); deepseek_v3: 64 routed experts, top-6, a shared "
+        "expert, group-limited sigmoid routing, ten tasks",
+    )
+
+
+def family_spec(family: str, seed: int = 0, steps: int | None = None) -> Buildable:
+    """The build spec of the demo ``family`` with ``seed`` and ``steps`` (None: the family's default)."""
+    if family == "deepseek_v3":
+        from demo.deepseek_build import DeepseekBuildSpec
+        from demo.deepseek_train import DeepseekTrainConfig
+
+        train = DeepseekTrainConfig()
+        if steps is not None:
+            train = dataclasses.replace(train, base=dataclasses.replace(train.base, steps=steps))
+        return DeepseekBuildSpec(seed=seed, train=train)
+    return BuildSpec(seed=seed, train=dataclasses.replace(TrainConfig(), steps=steps or DEFAULT_STEPS))
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = BuildSpec(seed=args.seed, train=dataclasses.replace(TrainConfig(), steps=args.steps))
-    result = build_demo(args.out, spec=spec, force=args.force)
+    from demo.deepseek_build import DEEPSEEK_DEFAULT_OUT
+
+    out = args.out or (DEEPSEEK_DEFAULT_OUT if args.family == "deepseek_v3" else DEFAULT_OUT)
+    result = build_demo(out, spec=family_spec(args.family, args.seed, args.steps), force=args.force)
     print(result.path)
     return 0
 
@@ -61,6 +97,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     paths = DemoPaths(
         args.demo or default.demo, args.store or default.store, args.patterns or default.patterns
     )
-    prepared = prepare_demo(paths, encoder_path=args.encoder)
+    # The default family's call is unchanged: prepare_demo builds the default spec itself.
+    family = {} if args.family == "qwen3_moe" else {"spec": family_spec(args.family)}
+    prepared = prepare_demo(paths, encoder_path=args.encoder, **family)
     print(f"store: {prepared.store}\npatterns: {prepared.patterns}")
     return 0
