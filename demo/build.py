@@ -143,6 +143,13 @@ def build_demo(
         return BuildResult(out, cached=True, stamp=stamp)
     if out.exists() and stamp is None and not force:
         raise StoreExistsError(f"{out} exists but holds no complete demo build; pass --force to replace it")
+    # Builds of the default family carry no "family" in their stamp.
+    built_family, wanted_family = (d.get("family", "qwen3_moe") for d in (stamp or {}, spec.key()))
+    if stamp is not None and not force and built_family != wanted_family:
+        raise StoreExistsError(
+            f"{out} holds the {built_family} demo, not the {wanted_family} one; pass --force to replace it "
+            "or choose another directory"
+        )
     if stamp is not None and not force:
         logger.info("the build in %s has other settings (seed, steps or version); rebuilding", out)
     out.parent.mkdir(parents=True, exist_ok=True)

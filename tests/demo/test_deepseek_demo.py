@@ -25,6 +25,7 @@ from demo.tasks import TASKS
 from demo.tasks_extended import EXTRA_TASKS, task_set
 from demo.tokenizer import build_tokenizer
 from demo.train import TrainConfig
+from expert_store.errors import StoreExistsError
 from server.engine_api import GenerationRequest, SamplingParams
 from server.loading import ServeConfig
 
@@ -107,9 +108,13 @@ def test_the_build_is_deterministic_from_its_seed(deepseek_build, tmp_path):
     )
 
 
-def test_a_build_of_the_other_family_is_not_taken_for_the_cached_one(deepseek_build, tmp_path):
+def test_a_build_of_the_other_family_is_neither_taken_nor_replaced_without_force(deepseek_build):
     assert build_demo(deepseek_build.path, spec=tiny_spec(), progress=False).cached
     assert "family" not in BuildSpec().key() and DeepseekBuildSpec().key()["family"] == "deepseek_v3"
+    # e.g. a benchmark that prepares the default demo under a directory holding this one
+    with pytest.raises(StoreExistsError, match="holds the deepseek_v3 demo"):
+        build_demo(deepseek_build.path, spec=BuildSpec(), progress=False)
+    assert read_stamp(deepseek_build.path)["family"] == "deepseek_v3"
 
 
 def _digest(value: object) -> str:
