@@ -4,6 +4,8 @@
 ``loop.call_soon_threadsafe``: the event loop never waits on torch, FAISS or the encoder. Loading
 also happens on the engine thread, so the server answers 503 (and ``/health`` says loading) until
 the model is ready.
+
+``record`` turns on `taer serve --record` (``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -20,23 +22,29 @@ from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
 from server.engine_core import EngineCore, EngineParts
 from server.introspection import PatternIntrospection
+from server.record_files import RecordOptions
+from server.recording import EngineRecording
 from server.scheduler import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 class TaerEngine(ModelFacts, PatternIntrospection):
-    """Implements ``server.engine_api.Engine`` over ``EngineCore``."""
+    """Implements ``server.engine_api.Engine`` over ``EngineCore``. ``record``: record every
+    request's routing."""
 
     def __init__(
         self,
         load: Callable[[], EngineParts],
         max_batch_size: int = 16,
         scheduler: str = "fifo",
+        *,
+        record: RecordOptions | None = None,
     ) -> None:
         self._load = load
         self._max_batch_size = max_batch_size
         self._scheduler = scheduler
+        self._record = record
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -49,15 +57,23 @@ class TaerEngine(ModelFacts, PatternIntrospection):
         self._thread.start()
 
     def _main(self, metrics) -> None:
+        recording = None
         try:
             parts = self._load()
-            self._core = EngineCore(parts, metrics, self._max_batch_size, self._scheduler)
+            if self._record is not None:
+                recording = EngineRecording(parts, self._record, metrics)
+                recording.start()
+                logger.info("recording every request's routing to %s", self._record.directory)
+            self._core = EngineCore(parts, metrics, self._max_batch_size, self._scheduler, recording)
             self._ready.set()
             logger.info("engine ready: %s", parts.model_name)
             self._core.run_forever()
         except BaseException as error:
             logger.exception("engine thread stopped")
             self._error = error
+        finally:
+            if recording is not None:
+                recording.close()
 
     async def shutdown(self) -> None:
         if self._core is not None:

@@ -9,7 +9,8 @@ requests join the running one (prefill them, merge their rows), then decode one 
 live sequence. A request of ``n`` samples is ``n`` sequences sharing one prefill. After a prefill,
 the router check (``retrieval/router_check.py``) compares each retrieved pattern with the prompt's
 own routing; a request it re-routes leaves the batch before its first token and waits, first in
-line, for a prefill with its new pattern.
+line, for a prefill with its new pattern. With `taer serve --record`, every prefill's routing is
+handed to the recording (``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from server.scheduler import Sequence
 from server.switch_scheduler import make_scheduler
 
 if TYPE_CHECKING:
+    from server.recording import EngineRecording
     from server.structured import GrammarCompiler, OutputConstraint
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,11 @@ class EngineCore:
         metrics,
         max_batch_size: int = 16,
         scheduler: str = "fifo",
+        recording: EngineRecording | None = None,
     ) -> None:
         self.parts = parts
         self.metrics = metrics
+        self.recording = recording
         metrics.set_expert_capacity(parts.runtime.cache.capacity_bytes, parts.runtime.expert_dtype)
         self.scheduler = make_scheduler(scheduler, parts.runtime.num_slots, max_batch_size)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -238,7 +242,7 @@ class EngineCore:
         firsts: dict[str, int] = {}
         expand = [firsts.setdefault(s.request_id, len(firsts)) for s in batch]
         prompted = [batch[expand.index(row)] for row in range(len(firsts))]
-        return BatchRunner(
+        runner = BatchRunner(
             runtime,
             [s.request.prompt_token_ids for s in prompted],
             _row_masks(prompted, runtime),
@@ -248,6 +252,9 @@ class EngineCore:
             ],
             check_prompts=[row for row, s in enumerate(prompted) if self.parts.router.checks(s.route)],
         )
+        if self.recording is not None:  # its prefill's routing, per prompt
+            self.recording.watch(runner, prompted)
+        return runner
 
     def check_constraint(self, constraint: OutputConstraint) -> None:
         """Compile ``constraint`` now (any thread): RequestError if it cannot be used."""
@@ -288,6 +295,8 @@ class EngineCore:
             self.metrics.record_expert_loads(delta.loads, delta.bytes_loaded)
         self.metrics.set_resident_expert_bytes(self.parts.runtime.cache.resident_bytes)
         rerouted = self._check_routes(batch, runner) if runner.router_choices else set()
+        if self.recording is not None:
+            self.recording.record(batch, runner, rerouted)
         if runner.prompt_hidden:
             _score_prompts(batch, runner)
         tokens = []

@@ -138,6 +138,15 @@ class EngineMetrics:
             "task's pattern) or exact (no pattern covered the prompt's own routing well).",
             ["outcome"],
         )
+        self._records_written = metric.counter(
+            "records_written", "Requests recorded to the --record files (their routing, per prompt)."
+        )
+        self._records_dropped = metric.counter(
+            "records_dropped",
+            "Request records lost, by reason: queue_full (the writer fell behind; the request was not "
+            "held up) or write_error (the files could not be written).",
+            ["reason"],
+        )
 
     def set_queue_length(self, count: int) -> None:
         self._queue_length.set(count)
@@ -170,6 +179,12 @@ class EngineMetrics:
 
     def set_expert_capacity(self, num_bytes: int, dtype: str) -> None:
         self._capacity_bytes.labels(dtype=dtype).set(num_bytes)
+
+    def record_written(self) -> None:
+        self._records_written.inc()
+
+    def record_dropped(self, reason: str) -> None:
+        self._records_dropped.labels(reason=reason).inc()
 
 
 class Metrics:

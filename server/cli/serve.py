@@ -115,6 +115,36 @@ def register(subparsers) -> None:
         help="seconds the requests in flight may run after SIGTERM before they are ended "
         "(TAER_SHUTDOWN_GRACE); a second signal exits at once",
     )
+    record = parser.add_argument_group("recording what is served (for `taer calibrate --refine`)")
+    record.add_argument(
+        "--record",
+        type=Path,
+        default=_env("RECORD", None, Path),
+        metavar="DIR",
+        help="append each request's routing (task, mode, similarity, and its prompt's own expert choices "
+        "and TCESS contributions per layer) to rotating JSONL files in DIR, from a background thread "
+        "that never holds a request up (TAER_RECORD)",
+    )
+    record.add_argument(
+        "--record-text",
+        action="store_true",
+        default=_env("RECORD_TEXT", "") not in ("", "0", "false", "no"),
+        help="also store the prompt and the retrieval text (default: their SHA-256 only); needed for "
+        "`taer calibrate --refine` to propose new tasks (TAER_RECORD_TEXT)",
+    )
+    record.add_argument(
+        "--record-max-bytes",
+        type=_bytes,
+        default=_env("RECORD_MAX_BYTES", 64 * 2**20, _bytes),
+        help="a record file is closed and a new one started before it would pass this size, e.g. "
+        "64MiB (TAER_RECORD_MAX_BYTES; default 64 MiB)",
+    )
+    record.add_argument(
+        "--record-max-files",
+        type=int,
+        default=_env("RECORD_MAX_FILES", 8, int),
+        help="record files kept; the oldest are deleted past it (TAER_RECORD_MAX_FILES; default 8)",
+    )
     cluster = parser.add_argument_group("replicas on Ray Serve")
     cluster.add_argument(
         "--replicas",
@@ -164,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.engine import TaerEngine
     from server.loading import ServeConfig, check_serve_config, load_engine_parts
+    from server.record_files import RecordOptions
     from server.settings import ServerSettings
     from server.shutdown import serve
 
@@ -185,10 +216,19 @@ def run(args: argparse.Namespace) -> int:
         encoder_dtype=args.encoder_dtype,
     )
     check_serve_config(config)
+    record = None
+    if args.record is not None:
+        record = RecordOptions(
+            args.record,
+            max_bytes=args.record_max_bytes,
+            max_files=args.record_max_files,
+            with_text=args.record_text,
+        )
     engine = TaerEngine(
         lambda: load_engine_parts(config),
         max_batch_size=args.max_batch_size,
         scheduler=args.scheduler,
+        record=record,
     )
     settings = ServerSettings(
         host=args.host,
@@ -198,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
     )
     if args.replicas is not None:
+        if record is not None:
+            raise TaerError("--record needs the single process: replicas on Ray Serve do not record")
         return _run_cluster(args, config, settings)
     return serve(create_app(engine, settings), args.host, args.port, args.shutdown_grace)
 
