@@ -5,7 +5,11 @@
 also happens on the engine thread, so the server answers 503 (and ``/health`` says loading) until
 the model is ready.
 
-``record`` turns on `taer serve --record` (``server/recording.py``).
+``reload_patterns`` loads the patterns directory again off both the event loop and the engine
+thread (reading and checking it takes seconds), then swaps the router on the engine thread between
+two steps: the requests in flight keep the routes they have, and a directory that fails a check is
+refused with the old patterns still serving. ``record`` turns on `taer serve --record`
+(``server/recording.py``).
 """
 
 from __future__ import annotations
@@ -17,21 +21,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from expert_store.errors import TaerError
-from retrieval.service import Route
+from retrieval.service import PatternRouter, Route
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_api import EngineNotReadyError, GenerationOutput, GenerationRequest, ModelFacts
 from server.engine_core import EngineCore, EngineParts
 from server.introspection import PatternIntrospection
 from server.record_files import RecordOptions
 from server.recording import EngineRecording
+from server.reload import PatternsReloaded
 from server.scheduler import Sequence
 
 logger = logging.getLogger(__name__)
 
+RELOAD_TIMEOUT_S = 120.0  # the most a reload waits for the engine thread to finish its step
+
 
 class TaerEngine(ModelFacts, PatternIntrospection):
-    """Implements ``server.engine_api.Engine`` over ``EngineCore``. ``record``: record every
-    request's routing."""
+    """Implements ``server.engine_api.Engine`` over ``EngineCore``. ``reload``: the current router ->
+    a new one from the patterns directory as it is now (``None``: this engine cannot reload);
+    ``record``: record every request's routing."""
 
     def __init__(
         self,
@@ -39,16 +47,20 @@ class TaerEngine(ModelFacts, PatternIntrospection):
         max_batch_size: int = 16,
         scheduler: str = "fifo",
         *,
+        reload: Callable[[PatternRouter], PatternRouter] | None = None,
         record: RecordOptions | None = None,
     ) -> None:
         self._load = load
         self._max_batch_size = max_batch_size
         self._scheduler = scheduler
+        self._reload = reload
         self._record = record
+        self._reload_lock = asyncio.Lock()
         self._core: EngineCore | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        self._metrics = None
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -57,6 +69,7 @@ class TaerEngine(ModelFacts, PatternIntrospection):
         self._thread.start()
 
     def _main(self, metrics) -> None:
+        self._metrics = metrics
         recording = None
         try:
             parts = self._load()
@@ -138,6 +151,59 @@ class TaerEngine(ModelFacts, PatternIntrospection):
         if self._core is not None:
             self._core.abort(request_id)
 
+    async def reload_patterns(self) -> PatternsReloaded:
+        """Load the patterns directory again and serve with it from the next step (see the module
+        docstring); a :class:`TaerError` naming the fault leaves the old patterns serving. One
+        reload at a time."""
+        if self._reload is None:
+            raise TaerError("this engine was built without a patterns directory to reload")
+        core = self._core
+        if core is None or not self.is_ready:
+            raise EngineNotReadyError("the model is still loading; reload once it is ready")
+        async with self._reload_lock:
+            old = core.parts.router
+            try:
+                router = await asyncio.to_thread(self._reload, old)
+                await self._on_engine_thread(core, lambda: setattr(core.parts, "router", router))
+            except Exception as error:
+                self._count_reload("refused")
+                if isinstance(error, TaerError):
+                    raise
+                logger.exception("reloading the patterns failed")
+                raise TaerError(f"the patterns could not be loaded ({error!r})") from error
+        self._count_reload("reloaded")
+        result = PatternsReloaded(
+            created=router.patterns.created,
+            previous=old.patterns.created,
+            tasks=router.task_names,
+            router_check=router.check is not None,
+        )
+        logger.info("patterns reloaded: created %s (were %s)", result.created, result.previous)
+        return result
+
+    async def _on_engine_thread(self, core: EngineCore, function: Callable[[], None]) -> None:
+        """Run ``function`` on the engine thread between two steps and wait until it has run."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def call() -> None:
+            if not done.cancelled():
+                function()
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        core.call_soon(call)
+        try:
+            await asyncio.wait_for(done, RELOAD_TIMEOUT_S)
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            raise TaerError(
+                f"the engine thread did not take the new patterns within {RELOAD_TIMEOUT_S:.0f} s; "
+                "the old ones still serve"
+            ) from None
+
+    def _count_reload(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.record_pattern_reload(outcome)
+
     async def check_health(self) -> None:
         if self._error is not None:
             raise TaerError(f"the engine stopped: {self._error}")
@@ -153,6 +219,7 @@ class TaerEngine(ModelFacts, PatternIntrospection):
         stats = cache.stats
         return {
             "model": parts.model_name,
+            "patterns_created": parts.router.patterns.created,
             "tasks": parts.router.task_names,
             "mode": parts.router.default_mode,
             "budget": parts.router.budget.describe(),

@@ -10,7 +10,8 @@ live sequence. A request of ``n`` samples is ``n`` sequences sharing one prefill
 the router check (``retrieval/router_check.py``) compares each retrieved pattern with the prompt's
 own routing; a request it re-routes leaves the batch before its first token and waits, first in
 line, for a prefill with its new pattern. With `taer serve --record`, every prefill's routing is
-handed to the recording (``server/recording.py``).
+handed to the recording (``server/recording.py``), and a function another thread needs run between
+steps (a pattern reload swapping the router) arrives through the inbox like a request.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from server.scheduler import Sequence
 from server.switch_scheduler import make_scheduler
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from server.recording import EngineRecording
     from server.structured import GrammarCompiler, OutputConstraint
 
@@ -99,6 +102,10 @@ class EngineCore:
     def stop(self) -> None:
         self.inbox.put(("stop", None))
 
+    def call_soon(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the engine thread between two steps (no batch is mid-step then)."""
+        self.inbox.put(("call", function))
+
     def _arrive(self, group: list[Sequence]) -> None:
         """Hand a routed request (or one whose routing failed) to the engine thread."""
         self.inbox.put(("add", group))
@@ -150,6 +157,8 @@ class EngineCore:
                 self._add(payload)
             elif kind == "abort":
                 self._abort(payload)
+            elif kind == "call":
+                payload()
             else:
                 self.stopping = True
             try:

@@ -1,4 +1,5 @@
-"""Building the engine's parts from a store and a patterns directory, under a memory budget."""
+"""Building the engine's parts from a store and a patterns directory, under a memory budget; and
+the router alone again, from the patterns directory as it is now, for a reload."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from expert_store.errors import BudgetError, TaerError
+from expert_store.errors import BudgetError, PatternError, TaerError
 from expert_store.modes import MODES, Fallback, Mode
 from expert_store.runtime import (
     RuntimeConfig,
@@ -134,15 +135,12 @@ def check_serve_config(config: ServeConfig) -> None:
 def load_engine_parts(config: ServeConfig, *, with_index: bool = True) -> EngineParts:
     """The single process's engine, or (``with_index=False``) a cluster replica's, whose requests
     arrive routed by the ingress: it needs the patterns but not the encoder."""
-    patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
     budget, slots = _plan(config)
+    router = load_router(config, budget, with_index=with_index)
     runtime = load_runtime(
         config.store_dir,
         RuntimeConfig(device=config.device, dtype=config.torch_dtype_name, slots_per_layer=slots),
     )
-    router = _router(config, patterns, budget, _load_index(config) if with_index else None)
-    if config.router_check and config.mode == "pruned":
-        _enable_router_check(router, config.patterns_dir)
     tokenizer = runtime.tokenizer
     eos = runtime.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -190,6 +188,36 @@ def load_routing_parts(config: ServeConfig) -> RoutingParts:
     )
 
 
+def load_router(
+    config: ServeConfig, budget: Budget, *, with_index: bool = True, encoder=None
+) -> PatternRouter:
+    """The patterns of ``config.patterns_dir`` (made for this store's model) under ``budget``, with
+    their retrieval index and, in pruned mode, the router check fitted on their
+    ``router_check.safetensors``. Checked whole: every pattern yields its retained set and every task
+    the index retrieves has a pattern; any fault is a :class:`TaerError` naming it. ``encoder``: one
+    already loaded, used when the index was built with it (a reload need not load it again)."""
+    patterns = load_patterns_for_store(config.patterns_dir, config.store_dir)
+    router = _router(config, patterns, budget, _load_index(config, encoder) if with_index else None)
+    for task in router.task_names:
+        router.selection(task)
+    if router.index is not None:
+        missing = sorted(set(router.index.tasks) - set(router.task_names))
+        if missing:
+            raise PatternError(
+                f"the retrieval index in {config.patterns_dir} retrieves task(s) {', '.join(missing)}, "
+                "which the patterns lack; rebuild it from the same tasks file (`taer index`)"
+            )
+    if config.router_check and config.mode == "pruned":
+        _enable_router_check(router, config.patterns_dir)
+    return router
+
+
+def reload_router(config: ServeConfig, current: PatternRouter) -> PatternRouter:
+    """:func:`load_router` again, under ``current``'s budget and reusing its encoder."""
+    encoder = current.index.encoder if current.index is not None else None
+    return load_router(config, current.budget, encoder=encoder)
+
+
 def _router(config: ServeConfig, patterns, budget: Budget, index) -> PatternRouter:
     return PatternRouter(
         patterns,
@@ -223,7 +251,7 @@ def _max_model_len(hf_config) -> int:
     return int(getattr(hf_config, "max_position_embeddings", 4096))
 
 
-def _load_index(config: ServeConfig):
+def _load_index(config: ServeConfig, reuse=None):
     directory = Path(config.patterns_dir) / INDEX_SUBDIR
     if not directory.exists():
         logger.warning(
@@ -233,8 +261,21 @@ def _load_index(config: ServeConfig):
     from retrieval.encoder import Encoder
     from retrieval.index import TaskIndex
 
+    if reuse is not None and _built_with(directory, reuse):
+        return TaskIndex.load(directory, reuse)
     spec = config.encoder if config.encoder is not None else index_encoder(directory)
     return TaskIndex.load(directory, Encoder.load(spec, dtype=config.encoder_dtype))
+
+
+def _built_with(directory: Path, encoder) -> bool:
+    """Whether the index in ``directory`` records ``encoder`` as the one it was built with."""
+    from retrieval.encoder import EncoderFingerprint
+    from retrieval.index_io import read_metadata
+
+    try:
+        return EncoderFingerprint.parse(read_metadata(directory)["encoder"]).matches(encoder.fingerprint)
+    except (TaerError, KeyError, TypeError, ValueError):
+        return False  # TaskIndex.load says what is wrong with it
 
 
 def index_encoder(directory: Path) -> str | None:

@@ -147,6 +147,12 @@ class EngineMetrics:
             "held up) or write_error (the files could not be written).",
             ["reason"],
         )
+        self._pattern_reloads = metric.counter(
+            "pattern_reloads",
+            "Pattern reloads (SIGHUP or POST /v1/taer/reload), by outcome: reloaded, or refused (the "
+            "old patterns kept serving).",
+            ["outcome"],
+        )
 
     def set_queue_length(self, count: int) -> None:
         self._queue_length.set(count)
@@ -185,6 +191,9 @@ class EngineMetrics:
 
     def record_dropped(self, reason: str) -> None:
         self._records_dropped.labels(reason=reason).inc()
+
+    def record_pattern_reload(self, outcome: str) -> None:
+        self._pattern_reloads.labels(outcome=outcome).inc()
 
 
 class Metrics:

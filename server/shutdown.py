@@ -4,17 +4,27 @@ second signal exits at once.
 
 Uvicorn's own handling stops listening straight away and re-raises the signal after shutting down
 (so the process ends "killed by SIGTERM", not 0); :class:`GracefulServer` replaces it.
+
+SIGHUP (whose default would end the process) reloads the patterns instead (``server/reload.py``):
+the handler only notes it, and the server's next tick starts the reload on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+
+from server.reload import reload_on_signal
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,23 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self._app = app
         self._grace_s = grace_s
+        self._reload_asked = False
+        self._reloads: set[asyncio.Task] = set()  # a reference each, so that none is collected mid-run
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread():  # as uvicorn's own
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self._ask_reload)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
+
+    def _ask_reload(self, sig: int, frame: FrameType | None) -> None:
+        self._reload_asked = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         drain: Drain = self._app.state.drain
@@ -60,6 +87,11 @@ class GracefulServer(uvicorn.Server):
         drain.start(self._grace_s)
 
     async def on_tick(self, counter: int) -> bool:
+        if self._reload_asked:
+            self._reload_asked = False
+            task = asyncio.create_task(reload_on_signal(self._app))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
         if await super().on_tick(counter):
             return True
         drain: Drain = self._app.state.drain

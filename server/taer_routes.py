@@ -6,6 +6,8 @@ any client read about retrieval and the requests served.
 - ``GET /v1/taer/tcess``: every pattern's TCESS table and retained set under the budget, the super
   experts.
 - ``GET /v1/taer/requests``: the last requests served, newest first.
+- ``POST /v1/taer/reload``: load the patterns directory again (``server/reload.py``); 400 naming
+  the fault when it is refused, the old patterns still serving.
 
 They sit behind the same guard as every route (API key, loading, body size).
 """
@@ -13,19 +15,24 @@ They sit behind the same guard as every route (API key, loading, body size).
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.requests import Request
 
+from expert_store.errors import TaerError
 from retrieval.overview import PatternTables
+from server.errors import ApiError
 from server.introspection import RoutePreview
 from server.protocol import ChatMessage, TaerRequest, _EdgeModel
 from server.recent import RequestRecord
+from server.reload import reload_patterns
 from server.request_run import ServingContext
 from server.serving import ServingBase, _retrieval_text
 
 ROUTE_PATH = "/v1/taer/route"
 TCESS_PATH = "/v1/taer/tcess"
 REQUESTS_PATH = "/v1/taer/requests"
+RELOAD_PATH = "/v1/taer/reload"
 
 # Exactly one of the two texts (null counts as absent), as JSON Schema says it.
 _ONE_TEXT_SCHEMA = {
@@ -102,3 +109,12 @@ def add_taer_routes(app: FastAPI, context: ServingContext) -> None:
         return RecentRequestList(
             requests=recent.newest_first(), num_recorded=recent.num_recorded, capacity=recent.capacity
         )
+
+    @app.post(RELOAD_PATH)
+    async def reload(raw: Request) -> JSONResponse:
+        try:
+            result = await reload_patterns(raw.app)
+        except TaerError as error:
+            message = f"patterns not reloaded, the old ones still serve: {error}"
+            return ApiError(400, message, code="patterns_not_reloaded").to_response()
+        return JSONResponse(result.to_json())

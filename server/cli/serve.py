@@ -1,4 +1,7 @@
-"""`taer serve STORE_DIR --patterns DIR`: the HTTP server. Every flag can come from a TAER_* variable."""
+"""`taer serve STORE_DIR --patterns DIR`: the HTTP server. Every flag can come from a TAER_* variable.
+
+SIGHUP (or ``POST /v1/taer/reload``) makes a running server load its patterns directory again.
+"""
 
 from __future__ import annotations
 
@@ -193,7 +196,7 @@ def _bytes(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.engine import TaerEngine
-    from server.loading import ServeConfig, check_serve_config, load_engine_parts
+    from server.loading import ServeConfig, check_serve_config, load_engine_parts, reload_router
     from server.record_files import RecordOptions
     from server.settings import ServerSettings
     from server.shutdown import serve
@@ -228,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         lambda: load_engine_parts(config),
         max_batch_size=args.max_batch_size,
         scheduler=args.scheduler,
+        reload=lambda current: reload_router(config, current),
         record=record,
     )
     settings = ServerSettings(
