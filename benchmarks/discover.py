@@ -12,8 +12,13 @@
    retrieval picks, at keep 50% and 25%: patterns calibrated on the tasks discovered in the
    calibration prompts (seed 0) and retrieved by their index, against the labelled tasks' patterns
    retrieved by theirs, and the full model.
+3. Refinement (``--refine``): patterns calibrated on half of each task's calibration prompts, the
+   other half served in exact mode with `taer serve --record` on, then refined from the records
+   (:mod:`benchmarks.discover_refine`): accuracy at keep 25% of the half-calibrated, refined and
+   fully calibrated patterns side by side, for three halvings.
 
-Targets (issue 20): ARI >= 0.9 on the calibration prompts; discovered within 1 point of labelled.
+Targets (issue 20): ARI >= 0.9 on the calibration prompts; discovered within 1 point of labelled;
+the refined patterns' accuracy moves from the half calibration's toward the full calibration's.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 
 from benchmarks.common import machine_info, write_json
 from benchmarks.demo_inputs import add_common_arguments, resolve_inputs, set_threads
+from benchmarks.discover_refine import RefineInputs, refine_target, run_refine
 from benchmarks.discover_render import render_discover
 from benchmarks.retrieval import OUT_OF_DOMAIN
 from demo.suite import Suite, load_suite
@@ -214,6 +220,8 @@ def discover_targets(report: dict) -> list[dict]:
                 "met": gap >= -TARGET_POINTS,
             }
         )
+    if report.get("refine"):
+        targets.append(refine_target(report["refine"]))
     return targets
 
 
@@ -239,6 +247,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--limit", type=int, default=0, help="evaluation prompts per task (0: all)")
+    parser.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate on half the calibration prompts, serve the other half with recording on, refine, "
+        "and compare accuracy with the full calibration (default on)",
+    )
+    parser.add_argument(
+        "--refine-keep", type=float, default=0.25, help="the budget the refinement is measured at"
+    )
+    parser.add_argument(
+        "--refine-weights",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 1.0],
+        help="refinement weights compared",
+    )
+    parser.add_argument(
+        "--refine-seeds", type=int, nargs="+", default=[0, 1, 2], help="halvings of the calibration prompts"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -260,6 +288,17 @@ def main(args: argparse.Namespace) -> int:
                 AccuracyInputs(store, patterns, tasks, discovered, args.encoder),
                 work,
                 tuple(args.keeps),
+                args.limit or None,
+                args.batch_size,
+                args.device,
+            )
+        if args.refine:
+            report["refine"] = run_refine(
+                RefineInputs(store, patterns, tasks, args.encoder),
+                work / "refine",
+                args.refine_keep,
+                tuple(args.refine_weights),
+                tuple(args.refine_seeds),
                 args.limit or None,
                 args.batch_size,
                 args.device,

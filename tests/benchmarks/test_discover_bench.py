@@ -1,4 +1,4 @@
-"""Smoke test of `taer bench discover` on the tiny labelled pipeline: both parts, the report's files."""
+"""Smoke test of `taer bench discover` on the tiny labelled pipeline: all three parts, the report's files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_bench_discover_finds_the_tiny_suites_tasks(tmp_path, capsys):
     inputs = ["--store", str(store), "--patterns", str(patterns), "--tasks", str(tasks), "--out", str(out)]
     # 12 calibration prompts a task: a task of fewer than 7 would be one wording's worth.
     sizes = ["--splits", "calibration", "eval", "--seeds", "0", "1", "--min-size", "7"]
-    assert main(["bench", "discover", *inputs, *sizes, "--limit", "2", "--keeps", "0.5"]) == 0
+    refine = ["--refine-seeds", "0", "--refine-weights", "0.5", "--refine-keep", "0.5"]
+    assert main(["bench", "discover", *inputs, *sizes, "--limit", "2", "--keeps", "0.5", *refine]) == 0
     report = json.loads((out / "discover.json").read_text())
     assert (out / "discover.md").read_text() in capsys.readouterr().out
     calibration = [run for run in report["runs"] if run["split"] == "calibration"]
@@ -35,9 +36,15 @@ def test_bench_discover_finds_the_tiny_suites_tasks(tmp_path, capsys):
     assert row["discovered_minus_labelled_points"] == pytest.approx(
         100 * (row["discovered"] - row["labelled"])
     )
+    (run,) = report["refine"]["runs"]
+    assert run["serving"]["requests"] == run["serving"]["recorded"] == 12  # half of 12 prompts a task
+    assert [row["patterns"] for row in run["rows"]] == ["half", "refined w=0.5", "full"]
+    assert run["rows"][-1]["tcess_gap_to_full"] == 0.0 and run["rows"][-1]["retained_shared_with_full"] == 1.0
+    assert set(run["moved"]["0.5"]) <= {"arithmetic", "reverse", "general"} and run["moved"]["0.5"]
+    assert "Refinement from served requests" in (out / "discover.md").read_text()
     names = [target["name"] for target in report["targets"]]
     assert names[0].startswith("ARI >= 0.9 on the calibration prompts") and report["targets"][0]["met"]
-    assert len(names) == 2
+    assert len(names) == 3 and names[2].startswith("refined patterns (w=0.5)")
 
 
 def test_accuracy_needs_the_calibration_split(tmp_path, capsys):
