@@ -1,6 +1,7 @@
 """`taer serve --record` in the engine: one record per request, in every mode, whose routing equals
-what calibration computes from the model's own router logits for that prompt alone; a request the
-router check re-routes is recorded once, with the route that served it."""
+what calibration computes from the model's own router logits for that prompt alone (softmax routers,
+and DeepSeek-V3's sigmoid scores with a selection bias and expert groups); a request the router
+check re-routes is recorded once, with the route that served it."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.anyio
 QUESTIONS = ("What is 5 plus 12? Add the two numbers.", "Reverse the letters of the word melon.")
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return build_pipeline(tmp_path_factory.mktemp("recording"))
+@pytest.fixture(scope="module", params=["qwen3_moe", "deepseek_v3"])
+def pipeline(request, tmp_path_factory):
+    return build_pipeline(tmp_path_factory.mktemp("recording"), family=request.param)
 
 
 async def _drain(engine, request, route=None) -> str:
@@ -40,7 +41,14 @@ def _own_routing(store, text: str, thresholds) -> tuple:
     runtime.activate_all()
     ids = chat_ids(runtime.tokenizer, text)
     layout = runtime.layout
-    accumulator = TaskStatsAccumulator(len(layout.moe_layers), layout.num_experts, layout.top_k)
+    gates = [gate.inner for gate in runtime.gates()]
+    accumulator = TaskStatsAccumulator(len(gates), layout.num_experts, layout.top_k)
+    if runtime.gates()[0].family.scoring == "sigmoid_group":  # as calibration sets it up
+        bias = [gate.e_score_correction_bias.float() for gate in gates]
+        groups = {"num_groups": gates[0].num_group, "topk_groups": gates[0].topk_group}
+        accumulator = TaskStatsAccumulator(
+            len(gates), layout.num_experts, layout.top_k, scoring="sigmoid_bias", bias=bias, **groups
+        )
     rows = {layer: row for row, layer in enumerate(layout.moe_layers)}
     runtime.set_router_observer(lambda layer, hidden, logits: accumulator.add(rows[layer], logits))
     runtime.model(input_ids=torch.tensor([ids]))
