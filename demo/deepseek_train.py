@@ -20,7 +20,11 @@ from demo.train import TrainConfig, TrainResult, _optimizer, _schedule
 
 logger = logging.getLogger(__name__)
 
-DEEPSEEK_STEPS = 1200
+# Copying tasks (reverse, shift, upper, the letter positions) are learned late, in a sharp drop of the
+# loss: on seed 0, 1200 steps gave 42% mean exact match (the copying tasks near 0), 1800 steps 67%
+# with the loss still falling fast when the learning rate had decayed, 2400 steps 76% (17 minutes on
+# this project's 2-core machine with other work running, one thread): short of the 80% target.
+DEEPSEEK_STEPS = 2400
 
 
 @dataclass(frozen=True, slots=True)
