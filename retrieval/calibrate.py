@@ -79,9 +79,9 @@ def calibrate(
     # The router check's profile: each query's own routing also as a text prompt without the chat
     # template (as /v1/completions sends it), and the held-out prompts' (its validation; they shape
     # no pattern).
-    for task in tqdm(tasks, desc="routing queries as text prompts", unit="task"):
-        raw = [CalibrationPrompt(prompt=p.query_text) for p in task.calibration if p.chat_messages()]
-        if raw and getattr(tokenizer, "chat_template", None):
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    for task in tqdm(tasks, desc="routing queries as text prompts", unit="task", disable=not templated):
+        if raw := _as_text_prompts(task.calibration, templated):
             choices[task.name] = torch.cat(
                 [choices[task.name], _route_queries(model, tokenizer, raw, options, rows)]
             )
@@ -90,11 +90,12 @@ def calibrate(
         held_out_tasks, desc="routing held-out prompts", unit="task", disable=not held_out_tasks
     ):
         prompts = load_labelled_queries(task.heldout_path)
-        raw = [CalibrationPrompt(prompt=p.query_text) for p in prompts if p.chat_messages()]
-        if not getattr(tokenizer, "chat_template", None):
-            raw = []
         held_out[task.name] = torch.cat(
-            [_route_queries(model, tokenizer, q, options, rows) for q in (prompts, raw) if q]
+            [
+                _route_queries(model, tokenizer, group, options, rows)
+                for group in (prompts, _as_text_prompts(prompts, templated))
+                if group
+            ]
         )
     model.close()
     profile = _profile(choices, held_out)
@@ -263,6 +264,11 @@ class _CalibrationModel:
 
     def close(self) -> None:
         (self.runtime or self.streamed).close()
+
+
+def _as_text_prompts(prompts, templated: bool) -> list[CalibrationPrompt]:
+    """The chat prompts' queries as plain text prompts (none without a chat template: the same text)."""
+    return [CalibrationPrompt(prompt=p.query_text) for p in prompts if templated and p.chat_messages()]
 
 
 def _route_queries(

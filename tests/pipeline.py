@@ -15,26 +15,36 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
+WORDS = (
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "plant",
+    "music",
+    "light",
+    "dream",
+    "ocean",
+    "house",
+    "bread",
+)
 TASK_PROMPTS = {
     "arithmetic": [f"What is {a} plus {a + 7}? Add the two numbers." for a in range(12)],
-    "reverse": [
-        f"Reverse the letters of the word {w}."
-        for w in [
-            "apple",
-            "river",
-            "stone",
-            "cloud",
-            "tiger",
-            "plant",
-            "music",
-            "light",
-            "dream",
-            "ocean",
-            "house",
-            "bread",
-        ]
-    ],
+    "reverse": [f"Reverse the letters of the word {w}." for w in WORDS],
 }
+
+
+def write_tasks(tasks: Path, prompts: dict[str, list[str]]) -> Path:
+    """A tasks directory: one chat JSONL file a task and ``tasks.yaml`` naming them."""
+    tasks.mkdir()
+    entries = []
+    for name, texts in prompts.items():
+        lines = [json.dumps({"messages": [{"role": "user", "content": t}]}) for t in texts]
+        (tasks / f"{name}.jsonl").write_text("\n".join(lines))
+        entries.append(f"  {name}: {name}.jsonl")
+    (tasks / "tasks.yaml").write_text("tasks:\n" + "\n".join(entries) + "\n")
+    return tasks
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -63,14 +73,7 @@ def build_pipeline(
     save_tiny(family, root / "ckpt")
     char_tokenizer().save_pretrained(root / "ckpt")
     shard_checkpoint(root / "ckpt", root / "store", expert_dtype=expert_dtype)
-    tasks = root / "tasks"
-    tasks.mkdir()
-    entries = []
-    for name, prompts in TASK_PROMPTS.items():
-        lines = [json.dumps({"messages": [{"role": "user", "content": p}]}) for p in prompts]
-        (tasks / f"{name}.jsonl").write_text("\n".join(lines))
-        entries.append(f"  {name}: {name}.jsonl")
-    (tasks / "tasks.yaml").write_text("tasks:\n" + "\n".join(entries) + "\n")
+    tasks = write_tasks(root / "tasks", TASK_PROMPTS)
     calibrate(root / "store", tasks / "tasks.yaml", root / "patterns", CalibrationOptions(batch_size=8))
     if with_index:
         build_index_for_tasks(tasks / "tasks.yaml", root / "patterns")
@@ -79,23 +82,7 @@ def build_pipeline(
 
 SEPARABLE_PROMPTS = {
     "digits": [f"{a}+{a * 7 % 100}={a + a * 7 % 100}; {a * 3}+{a * 11}=" * 3 for a in range(10, 22)],
-    "letters": [
-        f"reverse the word {w} and then spell {w} backwards"
-        for w in [
-            "apple",
-            "river",
-            "stone",
-            "cloud",
-            "tiger",
-            "plant",
-            "music",
-            "light",
-            "dream",
-            "ocean",
-            "house",
-            "bread",
-        ]
-    ],
+    "letters": [f"reverse the word {w} and then spell {w} backwards" for w in WORDS],
 }
 
 
@@ -131,11 +118,6 @@ def build_separable_pipeline(root: Path) -> tuple[Path, Path]:
     model.save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(root / "ckpt")
     shard_checkpoint(root / "ckpt", root / "store")
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for name, prompts in SEPARABLE_PROMPTS.items():
-        lines = [json.dumps({"messages": [{"role": "user", "content": p}]}) for p in prompts]
-        (tasks / f"{name}.jsonl").write_text("\n".join(lines))
-    (tasks / "tasks.yaml").write_text("tasks:\n  digits: digits.jsonl\n  letters: letters.jsonl\n")
+    tasks = write_tasks(root / "tasks", SEPARABLE_PROMPTS)
     calibrate(root / "store", tasks / "tasks.yaml", root / "patterns", CalibrationOptions(batch_size=8))
     return root / "store", root / "patterns"
